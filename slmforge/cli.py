@@ -1,0 +1,3 @@
+"""slmforge command line (stub while building)."""
+def main():
+    pass

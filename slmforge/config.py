@@ -1,0 +1,141 @@
+"""Model configuration: one dataclass with Hugging Face LlamaConfig field names, plus size presets."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from slmforge.errors import SlmforgeError
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 512
+    hidden_size: int = 64
+    intermediate_size: int = 172
+    num_hidden_layers: int = 5
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 4
+    head_dim: int | None = None  # defaults to hidden_size // num_attention_heads
+    max_position_embeddings: int = 512
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = True
+    # Bias on q/k/v/o projections (LlamaConfig semantics). Qwen2 has q/k/v bias only: its import sets
+    # this and fills o_proj.bias with zeros, which keeps the directory loadable as LlamaForCausalLM.
+    attention_bias: bool = False
+    initializer_range: float = 0.02
+    bos_token_id: int | None = 1
+    eos_token_id: int | None = 2
+    pad_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        checks = [
+            (self.vocab_size > 0, "vocab_size must be positive"),
+            (self.num_attention_heads > 0 and self.num_key_value_heads > 0, "head counts must be positive"),
+            (self.num_attention_heads % self.num_key_value_heads == 0,
+             "num_attention_heads must be a multiple of num_key_value_heads"),
+            (self.head_dim % 2 == 0, "head_dim must be even (RoPE rotates pairs)"),
+            (self.max_position_embeddings > 0, "max_position_embeddings must be positive"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise SlmforgeError(f"model config: {msg}")
+
+    @property
+    def n_params(self) -> int:
+        """Parameter count (tied embeddings counted once)."""
+        d, h, L, V = self.hidden_size, self.intermediate_size, self.num_hidden_layers, self.vocab_size
+        q = self.num_attention_heads * self.head_dim
+        kv = self.num_key_value_heads * self.head_dim
+        attn = d * q + 2 * d * kv + q * d
+        if self.attention_bias:
+            attn += q + 2 * kv + d
+        per_layer = attn + 3 * d * h + 2 * d
+        head = 0 if self.tie_word_embeddings else V * d
+        return V * d + L * per_layer + d + head
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12·L·d_attn·T."""
+        # With tied embeddings the lm_head matmul uses the embedding matrix, so 6N still counts it once.
+        attn = 12 * self.num_hidden_layers * self.num_attention_heads * self.head_dim * seq_len
+        return 6 * self.n_params + attn
+
+    def to_hf_dict(self, torch_dtype: str = "float32") -> dict:
+        """config.json for transformers' LlamaForCausalLM."""
+        d = dataclasses.asdict(self)
+        d.update(
+            architectures=["LlamaForCausalLM"],
+            model_type="llama",
+            hidden_act="silu",
+            mlp_bias=False,
+            attention_dropout=0.0,
+            pretraining_tp=1,
+            rope_scaling=None,
+            use_cache=True,
+            torch_dtype=torch_dtype,
+        )
+        return d
+
+    @classmethod
+    def from_hf_dict(cls, d: dict) -> ModelConfig:
+        """Build from a Llama/Qwen2/SmolLM config.json dict; unknown keys are ignored."""
+        if d.get("hidden_act", "silu") != "silu":
+            raise SlmforgeError(f"config.json: hidden_act {d['hidden_act']!r} is not supported (need 'silu')")
+        if d.get("rope_scaling"):
+            raise SlmforgeError("config.json: rope_scaling is not supported yet")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in fields}
+        kw.setdefault("num_key_value_heads", d.get("num_attention_heads", cls.num_key_value_heads))
+        if d.get("model_type") == "qwen2":
+            kw["attention_bias"] = True
+        for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if isinstance(kw.get(k), list):  # some configs list several eos ids; keep the first
+                kw[k] = kw[k][0]
+        try:
+            return cls(**kw)
+        except TypeError as e:
+            raise SlmforgeError(f"config.json: {e}") from None
+
+
+def _llama2c_hidden(dim: int, multiple_of: int) -> int:
+    # llama2.c / Meta Llama: 2/3 of 4·dim, rounded up to a multiple
+    h = int(2 * (4 * dim) / 3)
+    return multiple_of * ((h + multiple_of - 1) // multiple_of)
+
+
+# name -> (hidden, layers, heads, kv heads, intermediate, ctx, default vocab)
+# Sizes span ~0.2M to ~1B parameters. "260k" and "15m" are llama2.c's TinyStories models.
+_PRESETS = {
+    "200k": (64, 4, 4, 2, 172, 256, 512),
+    "260k": (64, 5, 8, 4, _llama2c_hidden(64, 4), 512, 512),
+    "1m": (128, 4, 4, 2, 344, 256, 2048),
+    "3m": (192, 6, 6, 2, 512, 256, 4096),
+    "5m": (256, 6, 8, 4, 688, 256, 4096),
+    "15m": (288, 6, 6, 6, _llama2c_hidden(288, 32), 256, 32000),
+    "42m": (512, 8, 8, 8, _llama2c_hidden(512, 32), 1024, 32000),
+    "110m": (768, 12, 12, 12, _llama2c_hidden(768, 32), 1024, 32000),
+    "135m": (576, 30, 9, 3, 1536, 2048, 49152),  # SmolLM-135M shape
+    "360m": (960, 32, 15, 5, 2560, 2048, 49152),  # SmolLM-360M shape
+    "1b": (2048, 16, 32, 8, 8192, 2048, 32000),  # TinyLlama/Llama-3.2-1B-like
+}
+
+PRESET_NAMES = tuple(_PRESETS)
+
+
+def preset(name: str, vocab_size: int | None = None, **overrides) -> ModelConfig:
+    """A named size preset; vocab_size and any other field may be overridden."""
+    key = name.lower()
+    if key not in _PRESETS:
+        raise SlmforgeError(f"unknown preset {name!r}; choose one of: {', '.join(PRESET_NAMES)}")
+    d, L, h, kv, inter, ctx, vocab = _PRESETS[key]
+    cfg = dict(
+        vocab_size=vocab_size or vocab, hidden_size=d, num_hidden_layers=L, num_attention_heads=h,
+        num_key_value_heads=kv, intermediate_size=inter, max_position_embeddings=ctx,
+    )
+    if key in ("135m", "360m"):
+        cfg["rope_theta"] = 10000.0
+    cfg.update(overrides)
+    return ModelConfig(**cfg)
