@@ -1,0 +1,1 @@
+"""Corpus handling: reading documents, packing token streams for pretraining."""

@@ -1,0 +1,373 @@
+"""Packing a text corpus into flat token files for pretraining, and reading batches back.
+
+    out_dir/
+      train.bin, val.bin             every document as [bos] + ids + [eos], concatenated, raw uint16/uint32
+      train.docs.npy, val.docs.npy   int64 start offset of each document in its .bin
+      index.json                     dtype, vocab, counts, tokenizer fingerprint, sources (written last)
+
+Packing streams: documents are read lazily, tokenised in batches and appended to the .bin files, so a
+corpus larger than RAM packs in constant memory (plus 8 bytes per document for the offsets).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import tempfile
+import time
+from array import array
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from slmforge.errors import SlmforgeError
+from slmforge.io import read_json, write_json
+from slmforge.tokenizer import Tokenizer
+
+FORMAT = "slmforge-tokens-v1"
+SPLITS = ("train", "val")
+_TEXT_SUFFIXES = (".txt", ".txt.gz", ".md", ".jsonl", ".jsonl.gz", ".ndjson")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading documents
+
+
+def _expand(paths: str | Path | Iterable[str | Path]) -> list[Path]:
+    """Files named directly, plus corpus files found (sorted) under any directory named."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.name.endswith(_TEXT_SUFFIXES))
+            if not found:
+                raise SlmforgeError(f"{p}: no corpus files (*.txt, *.jsonl, optionally .gz) in this folder")
+            files.extend(found)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise SlmforgeError(f"{p}: no such file")
+    return files
+
+
+def _is_jsonl(path: Path) -> bool:
+    return path.name.endswith((".jsonl", ".jsonl.gz", ".ndjson"))
+
+
+def _lines(path: Path, raw_pos: list[int]) -> Iterator[tuple[int, str]]:
+    """(line number, decoded line) pairs; raw_pos[0] tracks bytes of the file consumed (for progress)."""
+    if path.name.endswith(".json"):
+        raise SlmforgeError(f"{path}: a .json file is not streamable; convert it to JSONL (one object a line)")
+    gz = path.name.endswith(".gz")
+    with open(path, "rb") as raw:
+        f = gzip.GzipFile(fileobj=raw) if gz else raw
+        try:
+            for lineno, b in enumerate(f, 1):
+                try:
+                    line = b.decode("utf-8-sig" if lineno == 1 else "utf-8")  # -sig: drop a leading BOM
+                except UnicodeDecodeError as e:
+                    raise SlmforgeError(f"{path}:{lineno}: not valid UTF-8 (byte {e.start} of the line)") from None
+                raw_pos[0] = raw.tell() if gz else raw_pos[0] + len(b)
+                yield lineno, line
+        except (OSError, EOFError) as e:  # gzip: truncated or not gzip at all
+            raise SlmforgeError(f"{path}: cannot read ({e})") from None
+
+
+def _documents_of(path: Path, text_field: str, one_per_line: bool, raw_pos: list[int]) -> Iterator[str]:
+    if _is_jsonl(path):
+        for lineno, line in _lines(path, raw_pos):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SlmforgeError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise SlmforgeError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            if text_field not in obj:
+                keys = ", ".join(list(obj)[:8]) or "none"
+                raise SlmforgeError(f"{path}:{lineno}: no field {text_field!r} (fields: {keys}); "
+                                    f"choose the text field with --text-field")
+            text = obj[text_field]
+            if not isinstance(text, str):
+                raise SlmforgeError(f"{path}:{lineno}: field {text_field!r} is {type(text).__name__}, not a string")
+            if text.strip():
+                yield text
+        return
+    if one_per_line:
+        for _, line in _lines(path, raw_pos):
+            text = line.rstrip("\r\n")
+            if text.strip():
+                yield text
+        return
+    # Blank-line separated: a document is a run of non-blank lines, without its final newline.
+    buf: list[str] = []
+    for _, line in _lines(path, raw_pos):
+        if line.strip():
+            buf.append(line)
+        elif buf:
+            yield _join(buf)
+            buf = []
+    if buf:
+        yield _join(buf)
+
+
+def _join(lines: list[str]) -> str:
+    return "".join(lines).removesuffix("\n").removesuffix("\r")
+
+
+def iter_documents(paths: str | Path | Iterable[str | Path], text_field: str = "text",
+                   one_per_line: bool = False) -> Iterator[str]:
+    """Stream documents from .txt files (blank-line separated, or one per line with `one_per_line`) and
+    .jsonl files (the `text_field` of each object). `.gz` variants and folders of such files work too."""
+    pos = [0]
+    for path in _expand(paths):
+        yield from _documents_of(path, text_field, one_per_line, pos)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Packing
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+def is_val_document(index: int, seed: int, val_fraction: float) -> bool:
+    """Deterministic split: a hash of (seed, document index) so re-packing gives the same split."""
+    h = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") / 2.0**64 < val_fraction
+
+
+class _SplitWriter:
+    """Appends documents to a temp .bin file and remembers where each starts."""
+
+    def __init__(self, out_dir: Path, name: str, dtype: np.dtype):
+        self.name, self.dtype = name, dtype
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.bin.", suffix=".tmp", dir=out_dir)
+        self.tmp = Path(tmp)
+        self.f = os.fdopen(fd, "w+b")
+        self.offsets = array("q")
+        self.tokens = 0
+
+    def add(self, docs: list[list[int]]) -> None:
+        if not docs:
+            return
+        for d in docs:
+            self.offsets.append(self.tokens)
+            self.tokens += len(d)
+        flat = np.fromiter((t for d in docs for t in d), dtype=self.dtype, count=sum(map(len, docs)))
+        self.f.write(flat.tobytes())
+
+    def pop_last(self) -> list[int]:
+        """Remove the last document (to move it to the other split)."""
+        start = self.offsets.pop()
+        self.f.seek(start * self.dtype.itemsize)
+        ids = np.frombuffer(self.f.read(), dtype=self.dtype).tolist()
+        self.f.seek(start * self.dtype.itemsize)
+        self.f.truncate()
+        self.tokens = start
+        return ids
+
+
+def pack_tokens(
+    paths: str | Path | Iterable[str | Path],
+    tokenizer: Tokenizer,
+    out_dir: str | Path,
+    val_fraction: float = 0.005,
+    seed: int = 0,
+    text_field: str = "text",
+    one_per_line: bool = False,
+    batch_chars: int = 1 << 20,
+    progress: bool = True,
+) -> dict:
+    """Tokenise a corpus into out_dir (see the module docstring). Returns the index plus timing stats.
+
+    Output files are written under temp names and renamed at the end, index.json last: a directory
+    with an index.json is always a complete pack, and an interrupted pack leaves the old one intact
+    (or nothing).
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise SlmforgeError(f"val fraction must be in [0, 1), got {val_fraction}")
+    files = _expand(paths)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = token_dtype(tokenizer.vocab_size)
+    t0 = time.time()
+    writers = {s: _SplitWriter(out, s, dtype) for s in SPLITS}
+    try:
+        n_docs, n_chars = _stream_into(files, tokenizer, writers, val_fraction, seed, text_field, one_per_line,
+                                       batch_chars, progress)
+        if n_docs == 0:
+            raise SlmforgeError(f"no documents in {', '.join(map(str, files))} (all files empty or blank)")
+        tr, va = writers["train"], writers["val"]
+        # Tiny corpora: make sure each split has a document when that is possible.
+        if val_fraction > 0 and not va.offsets and len(tr.offsets) >= 2:
+            va.add([tr.pop_last()])
+        if not tr.offsets:
+            tr.add([va.pop_last()])
+        index = {
+            "format": FORMAT, "dtype": dtype.name, "vocab_size": tokenizer.vocab_size,
+            "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id,
+            "tokenizer_fingerprint": tokenizer.fingerprint(),
+            "seed": seed, "val_fraction": val_fraction, "text_field": text_field, "one_per_line": one_per_line,
+            "documents": n_docs, "tokens": tr.tokens + va.tokens, "chars": n_chars,
+            "splits": {s: {"file": f"{s}.bin", "tokens": w.tokens, "documents": len(w.offsets),
+                           "doc_offsets": f"{s}.docs.npy"} for s, w in writers.items()},
+            "sources": [{"path": str(f.resolve()), "bytes": f.stat().st_size} for f in files],
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        _finish(out, writers, index)
+    except BaseException:
+        for w in writers.values():
+            w.f.close()
+            w.tmp.unlink(missing_ok=True)
+        raise
+    elapsed = time.time() - t0
+    return {**index, "elapsed_s": round(elapsed, 3), "tokens_per_s": round(index["tokens"] / max(elapsed, 1e-9))}
+
+
+def _stream_into(files, tokenizer, writers, val_fraction, seed, text_field, one_per_line, batch_chars,
+                 progress) -> tuple[int, int]:
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    total_bytes = sum(f.stat().st_size for f in files)
+    n_docs = n_chars = 0
+    bar = Progress(TextColumn("packing"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                   TextColumn("{task.fields[docs]:,} docs {task.fields[toks]:,} tokens"), TimeRemainingColumn(),
+                   disable=not progress, transient=False)
+    with bar:
+        task = bar.add_task("pack", total=total_bytes, docs=0, toks=0)
+        done_bytes = 0
+
+        def flush(batch: list[str], first_index: int) -> None:
+            ids = tokenizer.encode_batch(batch, bos=True, eos=True)
+            to_val = [is_val_document(first_index + i, seed, val_fraction) for i in range(len(ids))]
+            writers["train"].add([d for d, v in zip(ids, to_val, strict=True) if not v])
+            writers["val"].add([d for d, v in zip(ids, to_val, strict=True) if v])
+
+        for f in files:
+            pos = [0]
+            batch: list[str] = []
+            size = 0
+            for doc in _documents_of(f, text_field, one_per_line, pos):
+                batch.append(doc)
+                size += len(doc)
+                if size >= batch_chars:
+                    flush(batch, n_docs)
+                    n_docs, n_chars = n_docs + len(batch), n_chars + size
+                    batch, size = [], 0
+                    toks = writers["train"].tokens + writers["val"].tokens
+                    bar.update(task, completed=done_bytes + pos[0], docs=n_docs, toks=toks)
+            if batch:
+                flush(batch, n_docs)
+                n_docs, n_chars = n_docs + len(batch), n_chars + size
+            done_bytes += f.stat().st_size
+            bar.update(task, completed=done_bytes, docs=n_docs, toks=writers["train"].tokens + writers["val"].tokens)
+    return n_docs, n_chars
+
+
+def _finish(out: Path, writers: dict[str, _SplitWriter], index: dict) -> None:
+    # Drop the old index first: while files are being swapped the directory is not a valid pack.
+    (out / "index.json").unlink(missing_ok=True)
+    for name, w in writers.items():
+        w.f.flush()
+        os.fsync(w.f.fileno())
+        w.f.close()
+        fd, tmp_docs = tempfile.mkstemp(prefix=f".{name}.docs.", suffix=".npy.tmp", dir=out)
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, np.frombuffer(w.offsets, dtype=np.int64) if w.offsets else np.zeros(0, np.int64))
+        os.replace(w.tmp, out / f"{name}.bin")
+        os.replace(tmp_docs, out / f"{name}.docs.npy")
+    write_json(out / "index.json", index)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading batches
+
+
+def read_index(data_dir: str | Path) -> dict:
+    d = Path(data_dir)
+    if not (d / "index.json").is_file():
+        raise SlmforgeError(f"{d}: not a packed token directory (no index.json; run the pack step first)")
+    index = read_json(d / "index.json")
+    if index.get("format") != FORMAT:
+        raise SlmforgeError(f"{d / 'index.json'}: unknown format {index.get('format')!r} (expected {FORMAT})")
+    return index
+
+
+class TokenShards:
+    """One split of a packed directory, memory-mapped (opening is instant whatever the size)."""
+
+    def __init__(self, data_dir: str | Path, split: str = "train"):
+        if split not in SPLITS:
+            raise SlmforgeError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+        self.dir, self.split = Path(data_dir), split
+        self.index = read_index(self.dir)
+        info = self.index["splits"][split]
+        self.dtype = np.dtype(self.index["dtype"])
+        path = self.dir / info["file"]
+        n = info["tokens"]
+        size = path.stat().st_size if path.is_file() else -1
+        if size != n * self.dtype.itemsize:
+            raise SlmforgeError(f"{path}: {'missing' if size < 0 else f'{size} bytes'}, but index.json says "
+                                f"{n} {self.dtype.name} tokens (incomplete or mixed pack; pack again)")
+        # np.memmap refuses empty files; an empty split is a valid (if useless) thing.
+        self.tokens = np.memmap(path, dtype=self.dtype, mode="r") if n else np.zeros(0, self.dtype)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def doc_offsets(self) -> np.ndarray:
+        return np.load(self.dir / self.index["splits"][self.split]["doc_offsets"], mmap_mode="r")
+
+    def _check(self, seq_len: int) -> None:
+        if len(self) < seq_len + 1:
+            raise SlmforgeError(f"{self.dir}: the {self.split} split has {len(self)} tokens, fewer than one "
+                                f"window of seq_len + 1 = {seq_len + 1}; use more data or a shorter seq_len")
+
+    def get_batch(self, step: int, batch_size: int, seq_len: int, seed: int = 0,
+                  rank: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Random windows chosen by (seed, step, rank) alone, so a resumed run sees the same batches.
+
+        Returns int64 (x, y) of shape (batch_size, seq_len) with y = x shifted by one token.
+        """
+        self._check(seq_len)
+        rng = np.random.default_rng([seed, step, rank])
+        starts = rng.integers(0, len(self) - seq_len, size=batch_size)
+        return self._windows(starts, seq_len)
+
+    def _windows(self, starts: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        buf = np.stack([self.tokens[s:s + seq_len + 1] for s in starts]).astype(np.int64)
+        t = torch.from_numpy(buf)
+        return t[:, :-1].contiguous(), t[:, 1:].contiguous()
+
+    def iter_eval_batches(self, batch_size: int, seq_len: int, max_batches: int | None = None,
+                          rank: int = 0, world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Fixed, non-overlapping windows from the start of the split (the same every evaluation).
+
+        With several ranks, batch i goes to rank i % world_size. A split shorter than one window
+        gives a single shorter window rather than nothing.
+        """
+        if len(self) < 2:
+            return
+        seq_len = min(seq_len, len(self) - 1)
+        n_windows = (len(self) - 1) // seq_len
+        n_batches = -(-n_windows // batch_size)
+        if max_batches is not None:
+            n_batches = min(n_batches, max_batches)
+        for b in range(rank, n_batches, world_size):
+            starts = np.arange(b * batch_size, min((b + 1) * batch_size, n_windows)) * seq_len
+            yield self._windows(starts, seq_len)

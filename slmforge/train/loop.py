@@ -1,0 +1,528 @@
+"""The trainer core: AdamW, LR schedule, gradient accumulation, bf16 autocast, periodic eval, metrics,
+atomic checkpoints with exact resume, and DDP under torchrun. Pretrain, finetune and distill all call
+`train()` with their own batches (and, for distill, their own loss).
+
+Exact resume: everything a step depends on is either a pure function of the step number (the batches,
+via get_batch(i); the learning rate, via lr_at(step)) or saved in the checkpoint (weights, AdamW moments
+and step counters, RNG states). So a run killed at any point and resumed from its last checkpoint
+produces bit-identical losses from there on.
+
+    out_dir/metrics.jsonl           one JSON row per logged step (val_loss on evaluated steps)
+    out_dir/checkpoints/last.pt     the latest checkpoint (replaced atomically)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from slmforge.errors import SlmforgeError
+from slmforge.io import atomic_write_text
+
+Batch = Any  # a tuple/list (or dict) of tensors; the default loss reads (x, y)
+LossFn = Callable[[nn.Module, Batch], torch.Tensor]
+
+SCHEDULES = ("cosine", "wsd", "constant")
+PRECISIONS = ("bf16", "fp32")
+WSD_DECAY_FRACTION = 0.2  # warmup-stable-decay: the last 20% of steps decay to min_lr
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    batch_size: int = 16  # per rank, per micro-step
+    grad_accum: int = 1
+    seq_len: int = 256
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    schedule: str = "cosine"  # cosine | wsd | constant
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables clipping (the norm is still logged)
+    precision: str = "bf16"  # bf16 = autocast to bfloat16; weights and optimizer stay fp32
+    compile: bool = False
+    eval_every: int = 200  # 0: only at the end
+    eval_batches: int = 20
+    log_every: int = 10
+    ckpt_every: int = 200  # 0: only at the end (and on interrupt)
+    seed: int = 0
+    device: str = "auto"  # auto = cuda if available, else cpu
+    threads: int | None = None  # torch.set_num_threads
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.max_steps > 0, "max_steps must be positive"),
+            (self.batch_size > 0 and self.grad_accum > 0 and self.seq_len > 0,
+             "batch_size, grad_accum and seq_len must be positive"),
+            (self.lr > 0 and 0 <= self.min_lr <= self.lr, "need lr > 0 and 0 <= min_lr <= lr"),
+            (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
+            (self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}"),
+            (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}"),
+            (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "betas must be in [0, 1)"),
+            (self.grad_clip >= 0 and self.weight_decay >= 0, "grad_clip and weight_decay must be >= 0"),
+            (self.eval_every >= 0 and self.ckpt_every >= 0 and self.log_every > 0,
+             "eval_every/ckpt_every must be >= 0 and log_every > 0"),
+            (self.threads is None or self.threads > 0, "threads must be positive"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise SlmforgeError(f"train config: {msg}")
+
+
+@dataclass
+class TrainResult:
+    step: int
+    tokens: int  # seen in total, all ranks
+    loss: float | None  # last logged train loss
+    val_loss: float | None  # last evaluated
+    tokens_per_s: float  # training throughput over the whole run (eval and checkpoint time excluded)
+    train_time_s: float
+    elapsed_s: float
+    resumed_from: int | None
+    out_dir: Path
+    history: list[dict] = field(default_factory=list, repr=False)  # this process's metric rows
+
+
+class TrainingInterrupted(SlmforgeError):
+    """Ctrl-C / SIGTERM: a checkpoint was saved; running the same command again resumes."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pieces
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate for update number `step` (0-based): linear warmup, then cosine / WSD / constant."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if cfg.schedule == "cosine":
+        frac = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+        return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * frac))
+    decay_start = max(cfg.warmup_steps, int(cfg.max_steps * (1 - WSD_DECAY_FRACTION)))
+    if step < decay_start:
+        return cfg.lr
+    frac = min(1.0, (step - decay_start + 1) / max(1, cfg.max_steps - decay_start))
+    return cfg.lr + (cfg.min_lr - cfg.lr) * frac
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW; matrices decay, 1-D tensors (norm weights, biases) do not."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
+                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    kw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+    try:  # one fused kernel for all parameters where the device has it (CUDA, CPU)
+        return torch.optim.AdamW(groups, fused=True, **kw)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups, foreach=device.type == "cuda", **kw)
+
+
+def default_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    x, y = batch[0], batch[1]
+    return model(x, y)[1]
+
+
+def dist_env() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) as set by torchrun; (0, 1, 0) otherwise."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(name)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SlmforgeError("device cuda requested but no CUDA GPU is available")
+        if dev.index is None:
+            dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+    return dev
+
+
+def _to_device(batch: Batch, device: torch.device) -> Batch:
+    nb = device.type == "cuda"
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=nb)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+def _n_tokens(batch: Batch) -> int:
+    first = next(iter(batch.values())) if isinstance(batch, dict) else batch[0]
+    return first.numel()
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+    if s.get("cuda") is not None and torch.cuda.is_available() and len(s["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """torch.save to a temp file, fsync, rename: a kill mid-write leaves the previous checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: Path) -> dict:
+    try:
+        # Our own file; it holds numpy/python RNG states, which weights_only=True rejects.
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise SlmforgeError(f"{path}: unreadable checkpoint ({str(e).splitlines()[0]}); "
+                            f"delete it to start over") from None
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """Rows of a metrics.jsonl; a torn last line (killed mid-write) is skipped."""
+    p = Path(path)
+    if not p.is_file():
+        return []
+    rows = []
+    for line in p.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep rows up to the checkpoint step, so a resumed curve has no duplicate or orphan steps."""
+    rows = [r for r in read_metrics(path) if r.get("step", 0) <= step]
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+class _StopRequest:
+    """SIGINT/SIGTERM set a flag; the loop finishes the current step, checkpoints and stops.
+    A second signal raises KeyboardInterrupt at once (the last periodic checkpoint stays valid)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._prev: dict[int, Any] = {}
+
+    def _handler(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> _StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._prev[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, h in self._prev.items():
+            signal.signal(sig, h)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The loop
+
+
+def train(
+    model: nn.Module,
+    get_batch: Callable[[int], Batch],
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    eval_batches: Callable[[], Iterable[Batch]] | None = None,
+    on_eval: Callable[[int, float], None] | None = None,
+    loss_fn: LossFn | None = None,
+    resume: bool = True,
+) -> TrainResult:
+    """Train `model` in place for cfg.max_steps optimizer steps.
+
+    get_batch(i) returns micro-batch number i = (step * grad_accum + micro) * world_size + rank, a
+      deterministic function of i (that is what makes resume exact). Default batches are (x, y) with
+      y = -100 where no loss is wanted.
+    eval_batches() yields the validation batches of this rank (the same ones every time).
+    on_eval(step, val_loss) is called on every rank after each evaluation.
+    loss_fn(model, batch) -> scalar loss; default: model(x, y)[1]. Called under autocast.
+    resume: continue from out_dir/checkpoints/last.pt when it exists; False starts over (deleting it).
+    """
+    rank, world, local_rank = dist_env()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device, local_rank)
+    if cfg.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise SlmforgeError("this GPU has no bfloat16 support; use precision fp32")
+    own_group = world > 1 and not dist.is_initialized()
+    if own_group:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        return _train(model, get_batch, cfg, Path(out_dir), eval_batches, on_eval, loss_fn or default_loss,
+                      resume, device, rank, world)
+    finally:
+        if own_group:
+            dist.destroy_process_group()
+
+
+def _train(model, get_batch, cfg, out, eval_batches, on_eval, loss_fn, resume, device, rank, world):
+    from rich.console import Console
+
+    master = rank == 0
+    console = Console(stderr=True, quiet=not (master and cfg.progress))
+    ckpt_path = out / "checkpoints" / "last.pt"
+    metrics_path = out / "metrics.jsonl"
+    if master:
+        out.mkdir(parents=True, exist_ok=True)
+
+    model.to(device)
+    optimizer = make_optimizer(model, cfg, device)
+    step, tokens, elapsed0, train_time = 0, 0, 0.0, 0.0
+    last_loss = last_val = None
+    resumed_from = None
+    if resume and ckpt_path.is_file():
+        ck = load_checkpoint(ckpt_path)
+        try:
+            model.load_state_dict(ck["model"])
+            optimizer.load_state_dict(ck["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise SlmforgeError(f"{ckpt_path}: does not match this model/optimizer ({str(e).splitlines()[0]}); "
+                                f"use another output folder, or start over without resuming") from None
+        _set_rng_state(ck["rng"])
+        step, tokens, elapsed0, train_time = ck["step"], ck["tokens"], ck["elapsed"], ck["train_time"]
+        last_loss, last_val = ck.get("loss"), ck.get("val_loss")
+        resumed_from = step
+        changed = {k: (v, getattr(cfg, k)) for k, v in ck["config"].items()
+                   if hasattr(cfg, k) and getattr(cfg, k) != v and k not in ("progress", "threads", "device")}
+        if changed:
+            console.print(f"[yellow]resuming with changed settings: "
+                          f"{', '.join(f'{k} {a} -> {b}' for k, (a, b) in changed.items())}")
+        console.print(f"resuming from {ckpt_path} at step {step}")
+        if master:
+            _truncate_metrics(metrics_path, step)
+    else:
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        random.seed(cfg.seed)
+        if master:  # a fresh run: a fresh curve, and no stale checkpoint to resume into later
+            metrics_path.unlink(missing_ok=True)
+            ckpt_path.unlink(missing_ok=True)
+
+    raw_model = model
+    run_model: nn.Module = torch.compile(model) if cfg.compile else model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        run_model = DDP(run_model, device_ids=[device.index] if device.type == "cuda" else None)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    accum = cfg.grad_accum
+
+    def evaluate() -> float | None:
+        raw_model.eval()
+        total = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of batch losses, batches)
+        with torch.no_grad(), autocast:
+            for batch in eval_batches():
+                total[0] += loss_fn(raw_model, _to_device(batch, device)).double()
+                total[1] += 1
+        raw_model.train()
+        if world > 1:
+            dist.all_reduce(total)
+        return (total[0] / total[1]).item() if total[1] > 0 else None
+
+    def checkpoint() -> None:
+        if master:
+            save_checkpoint(ckpt_path, {
+                "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                "tokens": tokens, "elapsed": elapsed0 + time.time() - t_start, "train_time": train_time,
+                "loss": last_loss, "val_loss": last_val, "config": asdict(cfg), "rng": _rng_state(),
+                "world_size": world,
+            })
+
+    n_params = sum(p.numel() for p in raw_model.parameters())
+    console.print(f"training {n_params / 1e6:.2f}M params on {device}{f' x{world}' if world > 1 else ''}, "
+                  f"{cfg.precision}, {cfg.batch_size * cfg.seq_len * accum * world:,} tokens/step, "
+                  f"steps {step}/{cfg.max_steps}")
+    history: list[dict] = []
+    t_start = time.time()
+    win_tokens, win_time = 0, 0.0
+    model.train()
+    with _StopRequest() as stop, _progress(console, cfg, step) as (bar, task), \
+            open(metrics_path, "a", encoding="utf-8") if master else _null() as mf:
+        while step < cfg.max_steps:
+            t0 = time.perf_counter()
+            lr = lr_at(step, cfg)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            loss_sum = torch.zeros((), device=device)
+            step_tokens = 0
+            for micro in range(accum):
+                batch = _to_device(get_batch((step * accum + micro) * world + rank), device)
+                if world > 1:  # all-reduce gradients only on the last micro-step
+                    run_model.require_backward_grad_sync = micro == accum - 1
+                with autocast:
+                    loss = loss_fn(run_model, batch)
+                (loss / accum).backward()
+                loss_sum += loss.detach()
+                step_tokens += _n_tokens(batch)
+            clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens += step_tokens * world
+
+            do_eval = eval_batches is not None and (
+                step == cfg.max_steps or (cfg.eval_every and step % cfg.eval_every == 0))
+            do_log = step % cfg.log_every == 0 or step == cfg.max_steps or do_eval
+            row = None
+            if do_log:
+                loss_avg = loss_sum / accum
+                if world > 1:  # SUM then divide: gloo (CPU) has no AVG
+                    dist.all_reduce(loss_avg)
+                    loss_avg /= world
+                last_loss = loss_avg.item()  # syncs the device, so the step time below is real
+                row = {"step": step, "loss": last_loss, "lr": lr, "grad_norm": grad_norm.item()}
+            dt = time.perf_counter() - t0
+            train_time += dt
+            win_tokens += step_tokens * world
+            win_time += dt
+            if do_eval:
+                val = evaluate()
+                if val is not None:
+                    last_val = val
+                    row["val_loss"] = val
+                    console.print(f"step {step}: val loss {val:.4f} (ppl {math.exp(min(val, 50)):.2f})")
+                    if on_eval is not None:
+                        on_eval(step, val)
+            if row is not None:
+                row.update(tokens=tokens, tokens_per_s=round(win_tokens / max(win_time, 1e-9), 1),
+                           elapsed=round(elapsed0 + time.time() - t_start, 3))
+                win_tokens, win_time = 0, 0.0
+                history.append(row)
+                if master:
+                    mf.write(json.dumps(row) + "\n")
+                    mf.flush()
+                    bar.update(task, loss=f"{row['loss']:.4f}", tps=f"{row['tokens_per_s']:,.0f}")
+                    if not console.is_terminal:
+                        console.print(f"step {step}/{cfg.max_steps} loss {row['loss']:.4f} lr {lr:.2e} "
+                                      f"{row['tokens_per_s']:,.0f} tok/s")
+            bar.update(task, completed=step)
+
+            stopping = stop.requested
+            if world > 1:  # every rank must agree to stop at the same step, or DDP deadlocks
+                flag = torch.tensor([float(stopping)], device=device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                stopping = bool(flag.item())
+            if step == cfg.max_steps or (cfg.ckpt_every and step % cfg.ckpt_every == 0) or stopping:
+                checkpoint()
+            if stopping and step < cfg.max_steps:
+                raise TrainingInterrupted(f"interrupted at step {step}/{cfg.max_steps}: checkpoint saved to "
+                                          f"{ckpt_path}; run the same command again to resume")
+    if resumed_from is not None and resumed_from >= cfg.max_steps:
+        console.print(f"already trained to step {step} (max_steps {cfg.max_steps}); nothing to do")
+    return TrainResult(step=step, tokens=tokens, loss=last_loss, val_loss=last_val,
+                       tokens_per_s=tokens / train_time if train_time > 0 else 0.0, train_time_s=train_time,
+                       elapsed_s=elapsed0 + time.time() - t_start, resumed_from=resumed_from, out_dir=out,
+                       history=history)
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return None
+
+
+class _progress:
+    """A rich progress bar (step, loss, tokens/s, ETA) on the master rank of an interactive terminal."""
+
+    def __init__(self, console, cfg: TrainConfig, start: int):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn("step"), MofNCompleteColumn(), BarColumn(),
+                            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
+                            TextColumn("ETA"), TimeRemainingColumn(), console=console,
+                            disable=console.quiet or not console.is_terminal)
+        self.task = self.bar.add_task("train", total=cfg.max_steps, completed=start, loss="-", tps="-")
+
+    def __enter__(self):
+        self.bar.__enter__()
+        return self.bar, self.task
+
+    def __exit__(self, *exc):
+        return self.bar.__exit__(*exc)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Plot
+
+
+def plot_loss_curve(metrics_jsonl: str | Path, out_png: str | Path, title: str | None = None) -> Path | None:
+    """Train and val loss against step (tokens on the top axis). Returns None when there is nothing to plot."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = read_metrics(metrics_jsonl)
+    rows = [r for r in rows if "loss" in r]
+    if not rows:
+        return None
+    fig = Figure(figsize=(8, 4.5), dpi=120)
+    FigureCanvasAgg(fig)  # Agg without pyplot: no global backend switch, safe in any process
+    ax = fig.add_subplot()
+    steps = [r["step"] for r in rows]
+    ax.plot(steps, [r["loss"] for r in rows], lw=1, label="train loss")
+    val = [(r["step"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
+    if val:
+        ax.plot(*zip(*val, strict=True), "o-", ms=3, lw=1.5, label="val loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    last = rows[-1]
+    if last.get("tokens") and last["step"]:
+        per_step = last["tokens"] / last["step"]
+        top = ax.secondary_xaxis("top", functions=(lambda s: s * per_step, lambda t: t / per_step))
+        top.set_xlabel("tokens")
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp.png")
+    fig.savefig(tmp)
+    os.replace(tmp, out)
+    return out
