@@ -51,6 +51,110 @@ Dtype = Annotated[str, typer.Option(help="float32 or bfloat16 weights for infere
 
 
 @app.command()
+def quickstart(
+    out: Annotated[Path, typer.Option(help="Run folder (re-running resumes).")] = Path("runs/quickstart"),
+    stories: Annotated[int, typer.Option(help="Stories to generate.")] = 20_000,
+    preset: Annotated[str, typer.Option(help="Model size preset.")] = "3m",
+    steps: Annotated[int, typer.Option(help="Pretraining steps.")] = 1500,
+    batch_size: Annotated[int, typer.Option(help="Sequences per step.")] = 32,
+    vocab_size: Annotated[int, typer.Option(help="Tokenizer vocabulary size.")] = 2048,
+    precision: Annotated[str, typer.Option(help="bf16 (autocast) or fp32.")] = "bf16",
+    seed: Annotated[int, typer.Option(help="Seed for data, init and sampling.")] = 1337,
+) -> None:
+    """Offline, on a laptop CPU: story corpus -> tokenizer -> pretrain -> samples and report."""
+    from slmforge.quickstart import QuickstartConfig
+    from slmforge.quickstart import quickstart as run_quickstart
+
+    run_quickstart(QuickstartConfig(out=out, n_stories=stories, preset=preset, max_steps=steps,
+                                    batch_size=batch_size, vocab_size=vocab_size, precision=precision, seed=seed))
+
+
+@tokenizer_app.command("train")
+def tokenizer_train(
+    inputs: Annotated[list[Path], typer.Argument(help="Text (.txt) or JSONL files.")],
+    out: Annotated[Path, typer.Option(help="Folder for tokenizer.json and tokenizer_config.json.")],
+    vocab_size: Annotated[int, typer.Option(help="Vocabulary size, special tokens and 256 bytes included.")] = 4096,
+    text_field: Annotated[str, typer.Option(help="JSONL field holding the text.")] = "text",
+    min_frequency: Annotated[int, typer.Option(help="Minimum pair count for a merge.")] = 2,
+) -> None:
+    """Train a byte-level BPE tokenizer and report its compression (bytes/token)."""
+    import itertools
+
+    from slmforge.data.pack import iter_documents
+    from slmforge.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(iter_documents(inputs, text_field=text_field), vocab_size, min_frequency,
+                          show_progress=True)
+    tok.save(out)
+    sample = list(itertools.islice(iter_documents(inputs, text_field=text_field), 2000))
+    typer.echo(f"wrote {out} · vocab {tok.vocab_size} · {tok.bytes_per_token(sample):.2f} bytes/token "
+               f"on {len(sample)} documents")
+
+
+@app.command()
+def pack(
+    inputs: Annotated[list[Path], typer.Argument(help="Text (.txt, documents split by blank lines) or JSONL.")],
+    tokenizer: Annotated[Path, typer.Option(help="Tokenizer or model directory.")],
+    out: Annotated[Path, typer.Option(help="Output folder for train.bin, val.bin, index.json.")],
+    val_fraction: Annotated[float, typer.Option(help="Share of documents held out for validation.")] = 0.005,
+    text_field: Annotated[str, typer.Option(help="JSONL field holding the text.")] = "text",
+    one_per_line: Annotated[bool, typer.Option(help="Each .txt line is one document.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of the train/val split.")] = 0,
+) -> None:
+    """Tokenise a corpus into uint16/uint32 memmap shards with a train/val split (streaming)."""
+    from slmforge.data.pack import pack_tokens
+    from slmforge.tokenizer import Tokenizer
+
+    stats = pack_tokens(inputs, Tokenizer.from_dir(tokenizer), out, val_fraction=val_fraction, seed=seed,
+                        text_field=text_field, one_per_line=one_per_line)
+    sp = stats["splits"]
+    typer.echo(f"wrote {out} · {stats['documents']:,} documents · train {sp['train']['tokens']:,} tokens · "
+               f"val {sp['val']['tokens']:,} tokens · {stats['dtype']} · {stats['tokens_per_s']:,} tokens/s")
+
+
+@app.command()
+def pretrain(
+    data: Annotated[Path, typer.Option(help="Packed token folder (slmforge pack).")],
+    out: Annotated[Path, typer.Option(help="Run folder: metrics, checkpoints, model/.")],
+    tokenizer: Annotated[Path, typer.Option(help="Tokenizer (or model) folder the data was packed with.")],
+    preset: Annotated[str, typer.Option(help="Model size preset.")] = "5m",
+    ctx: Annotated[int | None, typer.Option(help="Context length (default: the preset's).")] = None,
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 2000,
+    batch_size: Annotated[int, typer.Option(help="Sequences per micro-step (per rank).")] = 32,
+    grad_accum: Annotated[int, typer.Option(help="Micro-steps per optimizer step.")] = 1,
+    seq_len: Annotated[int, typer.Option(help="Training window length.")] = 256,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-3,
+    min_lr: Annotated[float | None, typer.Option(help="Final learning rate (default lr/10).")] = None,
+    warmup: Annotated[int | None, typer.Option(help="Warmup steps (default 5% of steps).")] = None,
+    schedule: Annotated[str, typer.Option(help="cosine, wsd or constant.")] = "cosine",
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.1,
+    grad_clip: Annotated[float, typer.Option(help="Gradient norm clip (0 = off).")] = 1.0,
+    precision: Annotated[str, typer.Option(help="bf16 (autocast, CPU and GPU) or fp32.")] = "bf16",
+    compile: Annotated[bool, typer.Option(help="torch.compile the model.")] = False,
+    eval_every: Annotated[int, typer.Option(help="Steps between val-loss evaluations.")] = 200,
+    ckpt_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 200,
+    seed: Annotated[int, typer.Option(help="Seed for init and data order.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
+    resume: Annotated[bool, typer.Option(help="Continue from out/checkpoints/last.pt if present.")] = True,
+) -> None:
+    """Pretrain a fresh model on packed tokens (resumable; runs under torchrun for DDP)."""
+    from slmforge.config import preset as make_preset
+    from slmforge.tokenizer import Tokenizer
+    from slmforge.train.loop import TrainConfig
+    from slmforge.train.pretrain import pretrain as run_pretrain
+
+    tok = Tokenizer.from_dir(tokenizer)
+    cfg = make_preset(preset, vocab_size=tok.vocab_size, **({"max_position_embeddings": ctx} if ctx else {}))
+    tcfg = TrainConfig(max_steps=steps, batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len, lr=lr,
+                       min_lr=lr / 10 if min_lr is None else min_lr,
+                       warmup_steps=max(steps // 20, 1) if warmup is None else warmup, schedule=schedule,
+                       weight_decay=weight_decay, grad_clip=grad_clip, precision=precision, compile=compile,
+                       eval_every=eval_every, ckpt_every=ckpt_every, seed=seed, device=device)
+    model_dir = run_pretrain(data, out, cfg, tok, tcfg, resume=resume)
+    typer.echo(f"wrote {model_dir}")
+
+
+@app.command()
 def generate(
     model: Annotated[Path, typer.Argument(help="Model directory.")],
     prompt: Annotated[str, typer.Argument(help="Text to continue.")] = "",

@@ -1,0 +1,169 @@
+"""`slmforge quickstart`: from nothing to a small story model on a laptop CPU, offline.
+
+    stories (TinyStories seeding formula, offline generator) -> BPE tokenizer -> packed tokens
+    -> pretrain a few-million-parameter Llama -> val loss / perplexity, samples, report.md
+
+Each stage writes its output atomically and is skipped when that output already exists, and pretraining
+resumes from its checkpoint, so an interrupted quickstart picks up where it stopped.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from rich.console import Console
+
+from slmforge.config import preset
+from slmforge.io import atomic_write_text, write_json
+
+console = Console()
+
+SAMPLE_PROMPTS = ("Once upon a time", "One day, a little", "Tom and his mom", "The sun was")
+
+
+@dataclass
+class QuickstartConfig:
+    out: Path = Path("runs/quickstart")
+    n_stories: int = 20_000
+    vocab_size: int = 2048
+    preset: str = "3m"
+    seq_len: int = 256
+    batch_size: int = 32
+    max_steps: int = 1500
+    lr: float = 2e-3
+    precision: str = "bf16"
+    seed: int = 1337
+    n_samples: int = 4
+    sample_tokens: int = 200
+
+
+def _stage(name: str, done: bool) -> bool:
+    if done:
+        console.print(f"[dim]· {name}: already done, skipping[/dim]")
+    else:
+        console.print(f"[bold]· {name}[/bold]")
+    return not done
+
+
+def make_corpus(path: Path, n: int, seed: int) -> int:
+    """Write n generated stories as JSONL (with their seed words and features)."""
+    from slmforge.data.storygen import generate_stories
+
+    lines = [json.dumps(s, ensure_ascii=False) for s in generate_stories(n, seed=seed)]
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return len(lines)
+
+
+def quickstart(cfg: QuickstartConfig) -> Path:
+    from slmforge.data.pack import pack_tokens, read_index
+    from slmforge.infer.engine import SamplingParams, generate_text
+    from slmforge.modeldir import ModelDir, update_meta
+    from slmforge.tokenizer import Tokenizer, train_tokenizer
+    from slmforge.train.loop import TrainConfig, plot_loss_curve
+    from slmforge.train.pretrain import pretrain
+
+    t_start = time.time()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    corpus, tok_dir, packed, run_dir = out / "stories.jsonl", out / "tokenizer", out / "packed", out / "pretrain"
+    timings: dict[str, float] = {}
+
+    t = time.time()
+    if _stage(f"generating {cfg.n_stories:,} stories (TinyStories seeding formula, offline)", corpus.is_file()):
+        make_corpus(corpus, cfg.n_stories, cfg.seed)
+    timings["corpus_s"] = time.time() - t
+
+    t = time.time()
+    if _stage(f"training a {cfg.vocab_size}-token byte-level BPE tokenizer", (tok_dir / "tokenizer.json").is_file()):
+        texts = (json.loads(line)["text"] for line in corpus.open(encoding="utf-8"))
+        train_tokenizer(texts, cfg.vocab_size).save(tok_dir)
+    tokenizer = Tokenizer.from_dir(tok_dir)
+    timings["tokenizer_s"] = time.time() - t
+
+    t = time.time()
+    if _stage("packing tokens", (packed / "index.json").is_file()):
+        pack_tokens([corpus], tokenizer, packed, val_fraction=0.02, seed=cfg.seed)
+    index = read_index(packed)
+    timings["pack_s"] = time.time() - t
+
+    t = time.time()
+    model_cfg = preset(cfg.preset, vocab_size=tokenizer.vocab_size, max_position_embeddings=cfg.seq_len)
+    train_cfg = TrainConfig(max_steps=cfg.max_steps, batch_size=cfg.batch_size, seq_len=cfg.seq_len, lr=cfg.lr,
+                            min_lr=cfg.lr / 10, warmup_steps=max(cfg.max_steps // 20, 10), precision=cfg.precision,
+                            eval_every=max(cfg.max_steps // 10, 1), eval_batches=20, ckpt_every=100, seed=cfg.seed)
+    model_dir = run_dir / "model"
+    if _stage(f"pretraining a {model_cfg.n_params / 1e6:.1f}M-parameter model for {cfg.max_steps} steps "
+              f"({cfg.max_steps * cfg.batch_size * cfg.seq_len / 1e6:.1f}M tokens)",
+              (model_dir / "model.safetensors").is_file()):
+        pretrain(packed, run_dir, model_cfg, tokenizer, train_cfg)
+    timings["pretrain_s"] = time.time() - t
+
+    md = ModelDir.open(model_dir)
+    model, tok = md.load_model(), md.load_tokenizer()
+    metrics = md.meta.get("metrics", {})
+    samples = []
+    for i, prompt in enumerate(SAMPLE_PROMPTS[: cfg.n_samples]):
+        params = SamplingParams(max_new_tokens=cfg.sample_tokens, temperature=0.8, top_p=0.95, seed=cfg.seed + i)
+        samples.append(prompt + generate_text(model, tok, prompt, params))
+    curve = run_dir / "loss_curve.png"
+    if not curve.is_file() and (run_dir / "metrics.jsonl").is_file():
+        plot_loss_curve(run_dir / "metrics.jsonl", curve)
+
+    summary = {
+        "model_dir": str(model_dir), "params": md.config.n_params, "preset": cfg.preset,
+        "vocab_size": tok.vocab_size, "stories": cfg.n_stories,
+        "train_tokens_in_corpus": index.get("splits", {}).get("train", {}).get("tokens", index.get("train_tokens")),
+        "val_loss": metrics.get("val_loss"),
+        "val_ppl": metrics.get("val_ppl") or (math.exp(metrics["val_loss"]) if metrics.get("val_loss") else None),
+        "tokens_per_s": metrics.get("tokens_per_s"), "train_time_s": metrics.get("train_time_s"),
+        "bytes_per_token": round(tok.bytes_per_token(
+            json.loads(line)["text"] for line in itertools.islice(corpus.open(encoding="utf-8"), 500)), 3),
+        "timings_s": {k: round(v, 1) for k, v in timings.items()},
+        "wall_time_s": round(time.time() - t_start, 1), "config": {k: str(v) for k, v in asdict(cfg).items()},
+    }
+    write_json(out / "summary.json", {**summary, "samples": samples})
+    update_meta(model_dir, quickstart=summary)
+    atomic_write_text(out / "report.md", _report(summary, samples, curve))
+
+    console.print()
+    for s in samples:
+        console.print(f"[green]{s}[/green]\n")
+    console.print(f"val loss {summary['val_loss']:.3f} · perplexity {summary['val_ppl']:.2f} · "
+                  f"{md.config.n_params / 1e6:.2f}M params · {summary['tokens_per_s'] or 0:,.0f} tokens/s")
+    console.print(f"model: {model_dir}\nreport: {out / 'report.md'}\n"
+                  f"try:   slmforge generate {model_dir} \"Once upon a time\"")
+    return model_dir
+
+
+def _report(s: dict, samples: list[str], curve: Path) -> str:
+    rows = "\n".join(f"| {k} | {v} |" for k, v in s.items() if k not in ("config", "timings_s"))
+    times = "\n".join(f"| {k} | {v} |" for k, v in s["timings_s"].items())
+    story_md = "\n\n".join(f"> {x}".replace("\n", "\n> ") for x in samples)
+    return f"""# slmforge quickstart report
+
+A {s['params'] / 1e6:.2f}M-parameter Llama-family model pretrained from scratch on {s['stories']:,} stories
+generated offline with the TinyStories seeding formula.
+
+| metric | value |
+|---|---|
+{rows}
+
+## Stage timings (seconds)
+
+| stage | seconds |
+|---|---|
+{times}
+
+## Loss curve
+
+![loss curve]({curve.relative_to(curve.parent.parent) if curve.is_file() else 'n/a'})
+
+## Samples (temperature 0.8, top-p 0.95)
+
+{story_md}
+"""
