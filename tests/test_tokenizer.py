@@ -1,6 +1,6 @@
 import pytest
-from conftest import small_corpus
 
+from conftest import small_corpus
 from slmforge.errors import SlmforgeError
 from slmforge.tokenizer import MIN_VOCAB, SPECIAL_TOKENS, Tokenizer, train_tokenizer
 
