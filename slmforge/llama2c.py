@@ -197,7 +197,8 @@ def read_llama2c_tokenizer(path: str | Path) -> Tokenizer:
     # For transformers users (add_special_tokens=True) prepend <s> as Llama does; slmforge adds bos itself.
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
-    return Tokenizer(tok, bos="<s>", eos="</s>", pad=None, chat_template=None)
+    # TinyStories models start every story with <s> and never emit </s>: like run.c, stop at either.
+    return Tokenizer(tok, bos="<s>", eos="</s>", pad=None, chat_template=None, stop_tokens=("<s>",))
 
 
 # -----------------------------------------------------------------------------

@@ -128,8 +128,18 @@ class Tokenizer:
             v = cfg.get(key)
             return v.get("content") if isinstance(v, dict) else v
 
-        return cls(tok, bos=token("bos_token"), eos=token("eos_token"), pad=token("pad_token"),
-                   chat_template=cfg.get("chat_template"))
+        out = cls(tok, bos=token("bos_token"), eos=token("eos_token"), pad=token("pad_token"),
+                  chat_template=cfg.get("chat_template"))
+        gc = path / "generation_config.json"
+        if gc.is_file():  # a model directory: its generation config says which ids end a reply
+            try:
+                eos = json.loads(gc.read_text()).get("eos_token_id")
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise SlmforgeError(f"{gc}: invalid JSON ({e})") from None
+            ids = eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else []
+            if ids:
+                out.stop_ids = [int(i) for i in ids]
+        return out
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2,

@@ -281,3 +281,18 @@ def test_val_loss_matches_reference(imported):
         loss = sum(model(x[i:i + 16], y[i:i + 16])[1].item() * len(x[i:i + 16]) for i in range(0, n, 16)) / n
     assert n == 144
     assert abs(loss - 1.321) < 0.01, loss
+
+
+def test_generation_stops_at_next_story(imported):
+    # TinyStories models mark a new story with <s>; like run.c, generation ends there (also after reload).
+    from slmforge.infer.engine import SamplingParams, generate_ids
+    from slmforge.modeldir import ModelDir
+
+    md = ModelDir.open(imported)
+    tok = md.load_tokenizer()
+    assert set(tok.stop_ids) == {1, 2}
+    model = md.load_model()
+    for seed in range(3):
+        ids = list(generate_ids(model, tok.encode("Once upon a time", bos=True),
+                                SamplingParams(max_new_tokens=400, temperature=1.0, seed=seed), tok.stop_ids))
+        assert 1 not in ids and 2 not in ids
