@@ -55,7 +55,8 @@ def quickstart(
     out: Annotated[Path, typer.Option(help="Run folder (re-running resumes).")] = Path("runs/quickstart"),
     stories: Annotated[int, typer.Option(help="Stories to generate.")] = 20_000,
     preset: Annotated[str, typer.Option(help="Model size preset.")] = "3m",
-    steps: Annotated[int, typer.Option(help="Pretraining steps.")] = 1500,
+    steps: Annotated[int | None, typer.Option(help="Pretraining steps (default: what fits --minutes).")] = None,
+    minutes: Annotated[float, typer.Option(help="Pretraining time budget when --steps is not given.")] = 10.0,
     batch_size: Annotated[int, typer.Option(help="Sequences per step.")] = 32,
     vocab_size: Annotated[int, typer.Option(help="Tokenizer vocabulary size.")] = 2048,
     precision: Annotated[str, typer.Option(help="bf16 (autocast) or fp32.")] = "bf16",
@@ -65,7 +66,7 @@ def quickstart(
     from slmforge.quickstart import QuickstartConfig
     from slmforge.quickstart import quickstart as run_quickstart
 
-    run_quickstart(QuickstartConfig(out=out, n_stories=stories, preset=preset, max_steps=steps,
+    run_quickstart(QuickstartConfig(out=out, n_stories=stories, preset=preset, max_steps=steps, train_minutes=minutes,
                                     batch_size=batch_size, vocab_size=vocab_size, precision=precision, seed=seed))
 
 

@@ -34,7 +34,8 @@ class QuickstartConfig:
     preset: str = "3m"
     seq_len: int = 256
     batch_size: int = 32
-    max_steps: int = 1500
+    max_steps: int | None = None  # None: as many as fit in train_minutes on this machine
+    train_minutes: float = 10.0
     lr: float = 2e-3
     precision: str = "bf16"
     seed: int = 1337
@@ -57,6 +58,38 @@ def make_corpus(path: Path, n: int, seed: int) -> int:
     lines = [json.dumps(s, ensure_ascii=False) for s in generate_stories(n, seed=seed)]
     atomic_write_text(path, "\n".join(lines) + "\n")
     return len(lines)
+
+
+def plan_steps(model_cfg, cfg: QuickstartConfig, plan_path: Path) -> int:
+    """Steps that fit the time budget, from a short timing probe; fixed once chosen (plan.json), so a
+    resumed run keeps the same schedule and reproduces the same curve."""
+    if plan_path.is_file():
+        return json.loads(plan_path.read_text())["max_steps"]
+    if cfg.max_steps:
+        steps = cfg.max_steps
+    else:
+        import torch
+
+        from slmforge.model import LlamaModel
+
+        model = LlamaModel(model_cfg)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        x = torch.randint(0, model_cfg.vocab_size, (cfg.batch_size, cfg.seq_len + 1))
+        times = []
+        for _ in range(4):
+            t = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+                _, loss = model(x[:, :-1], x[:, 1:])
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            times.append(time.perf_counter() - t)
+        step_s = min(times[1:]) * 1.1  # + eval, logging and checkpoints
+        steps = int(cfg.train_minutes * 60 / step_s)
+        steps = max(100, min(steps, 5000))
+        console.print(f"[dim]  timing probe: {step_s:.2f} s/step -> {steps} steps in {cfg.train_minutes:g} min[/dim]")
+    write_json(plan_path, {"max_steps": steps})
+    return steps
 
 
 def quickstart(cfg: QuickstartConfig) -> Path:
@@ -93,12 +126,13 @@ def quickstart(cfg: QuickstartConfig) -> Path:
 
     t = time.time()
     model_cfg = preset(cfg.preset, vocab_size=tokenizer.vocab_size, max_position_embeddings=cfg.seq_len)
-    train_cfg = TrainConfig(max_steps=cfg.max_steps, batch_size=cfg.batch_size, seq_len=cfg.seq_len, lr=cfg.lr,
-                            min_lr=cfg.lr / 10, warmup_steps=max(cfg.max_steps // 20, 10), precision=cfg.precision,
-                            eval_every=max(cfg.max_steps // 10, 1), eval_batches=20, ckpt_every=100, seed=cfg.seed)
+    max_steps = plan_steps(model_cfg, cfg, out / "plan.json")
+    train_cfg = TrainConfig(max_steps=max_steps, batch_size=cfg.batch_size, seq_len=cfg.seq_len, lr=cfg.lr,
+                            min_lr=cfg.lr / 10, warmup_steps=max(max_steps // 20, 10), precision=cfg.precision,
+                            eval_every=max(max_steps // 10, 1), eval_batches=20, ckpt_every=100, seed=cfg.seed)
     model_dir = run_dir / "model"
-    if _stage(f"pretraining a {model_cfg.n_params / 1e6:.1f}M-parameter model for {cfg.max_steps} steps "
-              f"({cfg.max_steps * cfg.batch_size * cfg.seq_len / 1e6:.1f}M tokens)",
+    if _stage(f"pretraining a {model_cfg.n_params / 1e6:.1f}M-parameter model for {max_steps} steps "
+              f"({max_steps * cfg.batch_size * cfg.seq_len / 1e6:.1f}M tokens)",
               (model_dir / "model.safetensors").is_file()):
         pretrain(packed, run_dir, model_cfg, tokenizer, train_cfg)
     timings["pretrain_s"] = time.time() - t
