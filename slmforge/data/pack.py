@@ -11,9 +11,7 @@ corpus larger than RAM packs in constant memory (plus 8 bytes per document for t
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import json
 import os
 import tempfile
 import time
@@ -24,110 +22,27 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from slmforge.data import ingest
 from slmforge.errors import SlmforgeError
 from slmforge.io import read_json, write_json
 from slmforge.tokenizer import Tokenizer
 
 FORMAT = "slmforge-tokens-v1"
 SPLITS = ("train", "val")
-_TEXT_SUFFIXES = (".txt", ".txt.gz", ".md", ".jsonl", ".jsonl.gz", ".ndjson")
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Reading documents
 
 
-def _expand(paths: str | Path | Iterable[str | Path]) -> list[Path]:
-    """Files named directly, plus corpus files found (sorted) under any directory named."""
-    if isinstance(paths, (str, Path)):
-        paths = [paths]
-    files: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.name.endswith(_TEXT_SUFFIXES))
-            if not found:
-                raise SlmforgeError(f"{p}: no corpus files (*.txt, *.jsonl, optionally .gz) in this folder")
-            files.extend(found)
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise SlmforgeError(f"{p}: no such file")
-    return files
-
-
-def _is_jsonl(path: Path) -> bool:
-    return path.name.endswith((".jsonl", ".jsonl.gz", ".ndjson"))
-
-
-def _lines(path: Path, raw_pos: list[int]) -> Iterator[tuple[int, str]]:
-    """(line number, decoded line) pairs; raw_pos[0] tracks bytes of the file consumed (for progress)."""
-    if path.name.endswith(".json"):
-        raise SlmforgeError(f"{path}: a .json file is not streamable; convert it to JSONL (one object a line)")
-    gz = path.name.endswith(".gz")
-    with open(path, "rb") as raw:
-        f = gzip.GzipFile(fileobj=raw) if gz else raw
-        try:
-            for lineno, b in enumerate(f, 1):
-                try:
-                    line = b.decode("utf-8-sig" if lineno == 1 else "utf-8")  # -sig: drop a leading BOM
-                except UnicodeDecodeError as e:
-                    raise SlmforgeError(f"{path}:{lineno}: not valid UTF-8 (byte {e.start} of the line)") from None
-                raw_pos[0] = raw.tell() if gz else raw_pos[0] + len(b)
-                yield lineno, line
-        except (OSError, EOFError) as e:  # gzip: truncated or not gzip at all
-            raise SlmforgeError(f"{path}: cannot read ({e})") from None
-
-
-def _documents_of(path: Path, text_field: str, one_per_line: bool, raw_pos: list[int]) -> Iterator[str]:
-    if _is_jsonl(path):
-        for lineno, line in _lines(path, raw_pos):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SlmforgeError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise SlmforgeError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            if text_field not in obj:
-                keys = ", ".join(list(obj)[:8]) or "none"
-                raise SlmforgeError(f"{path}:{lineno}: no field {text_field!r} (fields: {keys}); "
-                                    f"choose the text field with --text-field")
-            text = obj[text_field]
-            if not isinstance(text, str):
-                raise SlmforgeError(f"{path}:{lineno}: field {text_field!r} is {type(text).__name__}, not a string")
-            if text.strip():
-                yield text
-        return
-    if one_per_line:
-        for _, line in _lines(path, raw_pos):
-            text = line.rstrip("\r\n")
-            if text.strip():
-                yield text
-        return
-    # Blank-line separated: a document is a run of non-blank lines, without its final newline.
-    buf: list[str] = []
-    for _, line in _lines(path, raw_pos):
-        if line.strip():
-            buf.append(line)
-        elif buf:
-            yield _join(buf)
-            buf = []
-    if buf:
-        yield _join(buf)
-
-
-def _join(lines: list[str]) -> str:
-    return "".join(lines).removesuffix("\n").removesuffix("\r")
-
-
 def iter_documents(paths: str | Path | Iterable[str | Path], text_field: str = "text",
                    one_per_line: bool = False) -> Iterator[str]:
-    """Stream documents from .txt files (blank-line separated, or one per line with `one_per_line`) and
-    .jsonl files (the `text_field` of each object). `.gz` variants and folders of such files work too."""
-    pos = [0]
-    for path in _expand(paths):
-        yield from _documents_of(path, text_field, one_per_line, pos)
+    """The texts of the documents `slmforge.data.ingest` reads: .txt files (blank-line separated, or one
+    per line with `one_per_line`), .jsonl (the `text_field` of each object), CSV/TSV, Parquet, `.gz`
+    variants and folders of such files."""
+    split = "line" if one_per_line else "paragraph"
+    for doc in ingest.iter_documents(paths, text_field=text_field, split=split):
+        yield doc["text"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -194,7 +109,7 @@ def pack_tokens(
     """
     if not 0.0 <= val_fraction < 1.0:
         raise SlmforgeError(f"val fraction must be in [0, 1), got {val_fraction}")
-    files = _expand(paths)
+    files = ingest.find_inputs(paths)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dtype = token_dtype(tokenizer.vocab_size)
@@ -219,7 +134,7 @@ def pack_tokens(
             "documents": n_docs, "tokens": tr.tokens + va.tokens, "chars": n_chars,
             "splits": {s: {"file": f"{s}.bin", "tokens": w.tokens, "documents": len(w.offsets),
                            "doc_offsets": f"{s}.docs.npy"} for s, w in writers.items()},
-            "sources": [{"path": str(f.resolve()), "bytes": f.stat().st_size} for f in files],
+            "sources": [{"path": str(f.resolve()), "bytes": ingest.input_size(f)} for f in files],
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         _finish(out, writers, index)
@@ -243,14 +158,13 @@ def _stream_into(files, tokenizer, writers, val_fraction, seed, text_field, one_
         TransferSpeedColumn,
     )
 
-    total_bytes = sum(f.stat().st_size for f in files)
+    total_bytes = sum(ingest.input_size(f) for f in files)
     n_docs = n_chars = 0
     bar = Progress(TextColumn("packing"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                    TextColumn("{task.fields[docs]:,} docs {task.fields[toks]:,} tokens"), TimeRemainingColumn(),
                    disable=not progress, transient=False)
     with bar:
         task = bar.add_task("pack", total=total_bytes, docs=0, toks=0)
-        done_bytes = 0
 
         def flush(batch: list[str], first_index: int) -> None:
             ids = tokenizer.encode_batch(batch, bos=True, eos=True)
@@ -258,24 +172,23 @@ def _stream_into(files, tokenizer, writers, val_fraction, seed, text_field, one_
             writers["train"].add([d for d, v in zip(ids, to_val, strict=True) if not v])
             writers["val"].add([d for d, v in zip(ids, to_val, strict=True) if v])
 
-        for f in files:
-            pos = [0]
-            batch: list[str] = []
-            size = 0
-            for doc in _documents_of(f, text_field, one_per_line, pos):
-                batch.append(doc)
-                size += len(doc)
-                if size >= batch_chars:
-                    flush(batch, n_docs)
-                    n_docs, n_chars = n_docs + len(batch), n_chars + size
-                    batch, size = [], 0
-                    toks = writers["train"].tokens + writers["val"].tokens
-                    bar.update(task, completed=done_bytes + pos[0], docs=n_docs, toks=toks)
-            if batch:
+        stats = ingest.IngestStats()  # its byte count drives the progress bar
+        split = "line" if one_per_line else "paragraph"
+        batch: list[str] = []
+        size = 0
+        for doc in ingest.iter_documents(files, text_field=text_field, split=split, stats=stats):
+            batch.append(doc["text"])
+            size += len(doc["text"])
+            if size >= batch_chars:
                 flush(batch, n_docs)
                 n_docs, n_chars = n_docs + len(batch), n_chars + size
-            done_bytes += f.stat().st_size
-            bar.update(task, completed=done_bytes, docs=n_docs, toks=writers["train"].tokens + writers["val"].tokens)
+                batch, size = [], 0
+                toks = writers["train"].tokens + writers["val"].tokens
+                bar.update(task, completed=stats.bytes, docs=n_docs, toks=toks)
+        if batch:
+            flush(batch, n_docs)
+            n_docs, n_chars = n_docs + len(batch), n_chars + size
+        bar.update(task, completed=total_bytes, docs=n_docs, toks=writers["train"].tokens + writers["val"].tokens)
     return n_docs, n_chars
 
 
