@@ -101,7 +101,7 @@ def test_signature_is_deterministic_picklable_and_the_same_in_a_pool():
 
 
 def test_verification_drops_lsh_false_positives():
-    # Two signatures equal in the first band only (rows 0..12 of 9 bands x 13): LSH makes them
+    # Two signatures equal in the first 13 rows (band 0 is rows 0..8 of 14 bands x 9): LSH makes them
     # candidates, but they agree in 13 of 128 slots (estimated Jaccard 0.1).
     cfg = DedupConfig()
     rng = np.random.default_rng(0)

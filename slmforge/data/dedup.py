@@ -5,6 +5,10 @@
             kept when their estimated Jaccard similarity is >= threshold (LSH alone lets some lower
             pairs through), then joined into clusters with union-find
 
+Short documents: one edit removes up to `ngram` shingles, so a 37-word paragraph with one word changed
+is at Jaccard ~0.74 with 5-grams and escapes threshold 0.8. For short texts use ngram=3 or threshold
+0.7 (recall and precision of each choice on TinyStories: benchmarks/dedup_quality.py).
+
 In every cluster the first document (in input order) is kept and the others are removed, each with
 the reason, its cluster id (the index of the kept document) and the id/source of the kept document.
 
@@ -12,10 +16,12 @@ The expensive part, minhash_signature, is a pure function of (text, config): map
 multiprocessing Pool (compute_signatures does), then cluster in one process, since the LSH index must
 see every document.
 
-Memory per document, for clustering (num_perm=128, threshold 0.8: 9 bands of 13 rows): the signature,
-4 * num_perm = 512 bytes, plus the LSH index, about 9 band keys with a bucket each, and the exact-hash
-table: about 3.5 KB a document in all (measured with tracemalloc by benchmarks/dedup_quality.py), so
-1M documents take about 3.5 GB. The texts themselves are not held by cluster_near_duplicates.
+Memory per document, for clustering (num_perm=128, threshold 0.8: 14 bands of 9 rows): the signature,
+4 * num_perm = 512 bytes, plus the LSH index (a key and a bucket per band) and union-find, 4.7 KB
+(tracemalloc peak, benchmarks/dedup_quality.py): about 5.3 KB a document, so 1M documents need ~5 GB of
+RAM. The exact-hash table adds ~100 bytes a document; cluster_near_duplicates does not hold the texts.
+For much larger corpora, shard by band (as datatrove's MinhashDedup does) or use datasketch's Redis
+storage.
 """
 
 from __future__ import annotations
@@ -44,6 +50,11 @@ class DedupConfig:
     num_perm: int = 128  # MinHash permutations: more is more precise and slower
     seed: int = 1
     verify: bool = True  # check LSH candidates by their estimated Jaccard similarity
+    # (false positive, false negative) weights from which datasketch picks bands x rows. Its default,
+    # (0.5, 0.5), puts the LSH S-curve above the threshold (9 x 13 for 0.8: a pair at J = 0.8 is found
+    # 40% of the time); candidates are verified, so we trade cheap false candidates for recall:
+    # 14 x 9 finds 87% of pairs at J = 0.8 (see benchmarks/dedup_quality.py).
+    lsh_weights: tuple[float, float] = (0.1, 0.9)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.threshold <= 1.0:
@@ -52,6 +63,16 @@ class DedupConfig:
             raise SlmforgeError(f"dedup: ngram must be >= 1, got {self.ngram}")
         if self.num_perm < 2:
             raise SlmforgeError(f"dedup: num_perm must be >= 2, got {self.num_perm}")
+        self.lsh_weights = tuple(self.lsh_weights)  # a list from YAML
+        if len(self.lsh_weights) != 2 or abs(sum(self.lsh_weights) - 1.0) > 1e-6 or min(self.lsh_weights) < 0:
+            raise SlmforgeError(f"dedup: lsh_weights must be two non-negative numbers adding up to 1, "
+                                f"got {self.lsh_weights}")
+
+    def lsh_params(self) -> tuple[int, int]:
+        """(bands, rows) of the LSH index."""
+        from datasketch.lsh import _optimal_param
+
+        return _optimal_param(self.threshold, self.num_perm, *self.lsh_weights)
 
 
 @dataclass
@@ -132,9 +153,11 @@ def exact_duplicates(texts: Iterable[str]) -> dict[int, int]:
     return dupes
 
 
-def cluster_near_duplicates(signatures: Sequence[np.ndarray | None], cfg: DedupConfig) -> dict[int, tuple[int, float]]:
+def cluster_near_duplicates(signatures: Sequence[np.ndarray | None] | np.ndarray,
+                            cfg: DedupConfig) -> dict[int, tuple[int, float]]:
     """{index: (index of the kept document of its cluster, estimated Jaccard with it)} for every
-    near-duplicate; a None signature (e.g. an exact duplicate already removed) takes no part.
+    near-duplicate; a None signature (e.g. an exact duplicate already removed) or the signature of a
+    text without words takes no part. `signatures` may be one uint32 array (documents x num_perm).
 
     Documents go into the LSH index in order; each first queries it for earlier candidates, keeps
     those whose estimated Jaccard similarity is >= threshold (with cfg.verify) and joins their clusters.
@@ -143,13 +166,16 @@ def cluster_near_duplicates(signatures: Sequence[np.ndarray | None], cfg: DedupC
     from datasketch import LeanMinHash, MinHashLSH
 
     n = len(signatures)
-    sigs = np.full((n, cfg.num_perm), _EMPTY, dtype=np.uint32)
-    for i, s in enumerate(signatures):
-        if s is not None:
-            if len(s) != cfg.num_perm:
-                raise SlmforgeError(f"dedup: signature {i} has {len(s)} values, config says num_perm={cfg.num_perm}")
-            sigs[i] = s
-    lsh = MinHashLSH(threshold=cfg.threshold, num_perm=cfg.num_perm)
+    if isinstance(signatures, np.ndarray) and signatures.ndim == 2:  # already one array: no copy
+        sigs = signatures
+    else:
+        sigs = np.full((n, cfg.num_perm), _EMPTY, dtype=np.uint32)
+        for i, s in enumerate(signatures):
+            if s is not None:
+                _check_length(s, cfg)
+                sigs[i] = s
+    _check_length(sigs[0] if n else np.zeros(cfg.num_perm), cfg)
+    lsh = MinHashLSH(threshold=cfg.threshold, num_perm=cfg.num_perm, weights=cfg.lsh_weights)
     parent = list(range(n))
 
     def find(i: int) -> int:
@@ -159,7 +185,7 @@ def cluster_near_duplicates(signatures: Sequence[np.ndarray | None], cfg: DedupC
         return i
 
     for i in range(n):
-        if signatures[i] is None or (sigs[i] == _EMPTY).all():
+        if (sigs[i] == _EMPTY).all():
             continue
         m = LeanMinHash(seed=cfg.seed, hashvalues=sigs[i], scheme=_SCHEME)
         candidates = lsh.query(m)
@@ -181,6 +207,11 @@ def cluster_near_duplicates(signatures: Sequence[np.ndarray | None], cfg: DedupC
     return dupes
 
 
+def _check_length(sig: np.ndarray, cfg: DedupConfig) -> None:
+    if len(sig) != cfg.num_perm:
+        raise SlmforgeError(f"dedup: a signature has {len(sig)} values, the config says num_perm={cfg.num_perm}")
+
+
 @dataclass
 class Duplicate:
     reason: str  # "exact" | "near"
@@ -196,15 +227,19 @@ def duplicate_map(texts: Iterable[str], signatures: Sequence[np.ndarray] | None,
     exact = exact_duplicates(texts) if cfg.exact else {}
     near: dict[int, tuple[int, float]] = {}
     if cfg.near:
+        # One array for all documents; exact duplicates keep the "no words" signature and are skipped.
+        sigs = np.full((len(texts) if signatures is None else len(signatures), cfg.num_perm), _EMPTY, np.uint32)
+        todo = [i for i in range(len(sigs)) if i not in exact]
         if signatures is None:
-            todo = [i for i in range(len(texts)) if i not in exact]
-            computed = compute_signatures((texts[i] for i in todo), cfg, workers)
-            signatures = [None] * len(texts)
-            for i, s in zip(todo, computed, strict=True):
-                signatures[i] = s
+            signatures = compute_signatures((texts[i] for i in todo), cfg, workers)
+            todo_sigs = zip(todo, signatures, strict=True)
         else:
-            signatures = [None if i in exact else s for i, s in enumerate(signatures)]
-        near = cluster_near_duplicates(signatures, cfg)
+            todo_sigs = ((i, signatures[i]) for i in todo)
+        for i, sig in todo_sigs:
+            _check_length(sig, cfg)
+            sigs[i] = sig
+        del todo_sigs, signatures  # the list of arrays: sigs holds them now
+        near = cluster_near_duplicates(sigs, cfg)
     out = {i: Duplicate("near", kept, sim) for i, (kept, sim) in near.items()}
     for i, j in exact.items():
         # an exact copy of a near-duplicate belongs to the cluster of the document kept for both
