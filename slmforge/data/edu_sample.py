@@ -9,7 +9,7 @@ document of a source gets that source's score on the FineWeb-Edu 0-5 scale,
     dialogsum    1   everyday two-person dialogues (summarization/dialogsum.dev.jsonl)
     shakespeare  1   passages of the plays (tinyshakespeare/input.txt)
     tinystories  1   children's story paragraphs, three at a time (tinystories/tinystories_valid_part1.txt)
-    hdfs         0   20 consecutive HDFS log lines (loghub/HDFS/HDFS_2k.log)
+    hdfs         0   8 consecutive HDFS log lines (loghub/HDFS/HDFS_2k.log)
 
 so "F1 at threshold 3" on this sample measures how well a classifier tells expository scientific text
 from dialogue, fiction and logs: a proxy for educational value, and an easier task than judging web
@@ -65,7 +65,7 @@ def tinystories(data_dir: Path, per_doc: int = 3) -> list[str]:
     return ["\n\n".join(paras[i:i + per_doc]) for i in range(0, len(paras) - per_doc + 1, per_doc)]
 
 
-def hdfs(data_dir: Path, per_doc: int = 20) -> list[str]:
+def hdfs(data_dir: Path, per_doc: int = 8) -> list[str]:
     lines = (data_dir / "loghub" / "HDFS" / "HDFS_2k.log").read_text(encoding="utf-8").splitlines()
     return ["\n".join(lines[i:i + per_doc]) for i in range(0, len(lines) - per_doc + 1, per_doc)]
 
