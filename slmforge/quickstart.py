@@ -53,12 +53,22 @@ def _stage(name: str, done: bool) -> bool:
 
 
 def make_corpus(path: Path, n: int, seed: int) -> int:
-    """Write n generated stories as JSONL (with their seed words and features)."""
-    from slmforge.data.storygen import generate_stories
+    """Write n stories from the offline teacher as JSONL (with their seed words and features); an
+    interrupted run resumes where it stopped."""
+    from slmforge.data.synth import synthesize
 
-    lines = [json.dumps(s, ensure_ascii=False) for s in generate_stories(n, seed=seed)]
-    atomic_write_text(path, "\n".join(lines) + "\n")
-    return len(lines)
+    stats = synthesize("stories", n, path, teacher="builtin", seed=seed, batch_size=512)
+    return stats.existing + stats.written
+
+
+def corpus_done(path: Path, n: int) -> bool:
+    """The corpus is complete: synth's stats say so (a corpus from before synth has no stats and was
+    written atomically, so it is complete when it exists)."""
+    stats_path = Path(f"{path}.stats.json")
+    if not stats_path.is_file():
+        return path.is_file()
+    stats = json.loads(stats_path.read_text())
+    return bool(stats.get("complete")) and stats.get("n") == n
 
 
 def plan_steps(model_cfg, cfg: QuickstartConfig, plan_path: Path) -> int:
@@ -110,7 +120,8 @@ def quickstart(cfg: QuickstartConfig) -> Path:
     timings: dict[str, float] = {}
 
     t = time.time()
-    if _stage(f"generating {cfg.n_stories:,} stories (TinyStories seeding formula, offline)", corpus.is_file()):
+    if _stage(f"generating {cfg.n_stories:,} stories (TinyStories seeding formula, offline)",
+              corpus_done(corpus, cfg.n_stories)):
         make_corpus(corpus, cfg.n_stories, cfg.seed)
     timings["corpus_s"] = time.time() - t
 
