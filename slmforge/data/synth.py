@@ -229,6 +229,8 @@ def synthesize(recipe: str, n: int, out_path: str | Path, teacher: str = "builti
             usage.price_in, usage.price_out = price_in, price_out
         sampling = SamplingParams(max_new_tokens=max_new_tokens or _MAX_NEW_TOKENS[recipe],
                                   temperature=temperature, top_p=top_p)
+        # a batch waits for its slowest request: keep several rounds of requests in each
+        batch_size = max(batch_size, 4 * int(getattr(lm, "concurrency", 1)))
 
     usage_before = usage.to_dict()
 
