@@ -126,9 +126,8 @@ def resume_ids(path: Path, recipe: str, seed: int) -> tuple[set[str], int]:
     Returns (ids, bytes cut). A row from another recipe or seed is an error: it would mix two runs."""
     if not path.is_file():
         return set(), 0
-    data = path.read_bytes()
-    keep = data.rfind(b"\n") + 1  # everything after the last newline is a cut line
-    cut = len(data) - keep
+    keep = _end_of_last_line(path)  # everything after the last newline is a cut line
+    cut = path.stat().st_size - keep
     if cut:
         with open(path, "r+b") as f:
             f.truncate(keep)
@@ -136,22 +135,36 @@ def resume_ids(path: Path, recipe: str, seed: int) -> tuple[set[str], int]:
             os.fsync(f.fileno())
     ids: set[str] = set()
     prefix = f"{recipe}-{seed}-"
-    for lineno, line in enumerate(data[:keep].split(b"\n")[:-1], 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            rid = row["id"]
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
-            raise SlmforgeError(f"{path}:{lineno}: not a synth row (invalid JSON or no 'id'); "
-                                f"write to a new --out file") from None
-        if not isinstance(rid, str) or not rid.startswith(prefix):
-            raise SlmforgeError(f"{path}:{lineno}: id {rid!r} is not from recipe {recipe!r} seed {seed}; "
-                                f"write to a new --out file")
-        if rid in ids:
-            raise SlmforgeError(f"{path}:{lineno}: duplicate id {rid!r}")
-        ids.add(rid)
+    with open(path, "rb") as f:  # streamed: a long run's file can be large
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rid = json.loads(line)["id"]
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+                raise SlmforgeError(f"{path}:{lineno}: not a synth row (invalid JSON or no 'id'); "
+                                    f"write to a new --out file") from None
+            if not isinstance(rid, str) or not rid.startswith(prefix):
+                raise SlmforgeError(f"{path}:{lineno}: id {rid!r} is not from recipe {recipe!r} seed {seed}; "
+                                    f"write to a new --out file")
+            if rid in ids:
+                raise SlmforgeError(f"{path}:{lineno}: duplicate id {rid!r}")
+            ids.add(rid)
     return ids, cut
+
+
+def _end_of_last_line(path: Path, chunk: int = 1 << 16) -> int:
+    """Byte offset just past the file's last newline (0 when it has none), reading from the end."""
+    with open(path, "rb") as f:
+        end = f.seek(0, os.SEEK_END)
+        while end > 0:
+            start = max(0, end - chunk)
+            f.seek(start)
+            i = f.read(end - start).rfind(b"\n")
+            if i >= 0:
+                return start + i + 1
+            end = start
+    return 0
 
 
 # --- the run ----------------------------------------------------------------------------------------------------
