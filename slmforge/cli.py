@@ -20,6 +20,10 @@ tokenizer_app = typer.Typer(no_args_is_help=True, help="Train and inspect tokeni
 app.add_typer(import_app, name="import")
 app.add_typer(tokenizer_app, name="tokenizer")
 
+from slmforge.cli_data import data_app  # noqa: E402 - the data system's commands live in their own module
+
+app.add_typer(data_app, name="data")
+
 
 def _load(model_dir: Path, dtype: str = "float32"):
     import torch

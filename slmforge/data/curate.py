@@ -1,0 +1,595 @@
+"""The whole data chain in one command: `slmforge data curate CONFIG`.
+
+    source    ingest files (text, JSONL, CSV/TSV, Parquet, HF datasets dirs) and/or synthesize
+    stages    dedup · quality · decontam · edu, in the order the config lists them
+    report    docs, words (and tokens, given a tokenizer) in and out per stage, removal reasons with
+              examples: report.md, report.json, funnel.png
+
+A config (YAML):
+
+    out: runs/curate
+    inputs: [data/raw/*.jsonl]          # and/or
+    synth: {recipe: stories, n: 20000, teacher: builtin, seed: 0}
+    text_field: text
+    workers: 2                          # processes for the per-document stages
+    executor: local                     # local (multiprocessing) | datatrove (LocalPipelineExecutor)
+    tokenizer: runs/tok                 # optional: count tokens too
+    stages:
+      - dedup: {threshold: 0.8, ngram: 5}
+      - quality: {}
+      - decontam: {eval: [../shared/data/sst2/train.tsv], n: 13}
+      - edu: {classifier: runs/edu-clf, min_score: 3}
+
+Layout: out/00-source/part-*.jsonl, then out/NN-<stage>/part-*.jsonl with removed-*.jsonl (each
+removed document with its `removed_by` reason) and stats.json. Every stage works shard by shard and
+writes each shard atomically, then marks itself done, so an interrupted run resumes at the first shard
+not yet written and never duplicates or loses a document.
+
+Per-document stages (quality, decontam, edu) are a picklable function over a batch of documents,
+giving each (doc, None) to keep it or (None, reason) to drop it (a batch, so edu embeds many documents
+per forward); the local executor maps it over shards with a multiprocessing pool, the datatrove
+executor wraps it as a datatrove PipelineStep, so the same stage runs on datatrove's Slurm or Ray executors
+(`datatrove_pipeline`). Dedup computes MinHash signatures per shard in parallel, then clusters in one
+process (the LSH index must see every document).
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import itertools
+import json
+import multiprocessing as mp
+import os
+import shutil
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+
+from slmforge.errors import SlmforgeError
+from slmforge.io import atomic_write_text, read_json, read_jsonl, write_json
+
+console = Console(stderr=True)
+
+STAGES = ("dedup", "quality", "decontam", "edu")
+EXECUTORS = ("local", "datatrove")
+N_EXAMPLES = 3  # removed examples kept per reason for the report
+
+DocResult = tuple[dict | None, str | None]  # (kept doc, None) or (None, removal reason)
+BatchFn = Callable[[list[dict]], list[DocResult]]
+BATCH = 256  # documents per call of a stage function
+
+
+@dataclass
+class CurateConfig:
+    out: str = "runs/curate"
+    inputs: list[str] = field(default_factory=list)
+    synth: dict | None = None
+    text_field: str = "text"
+    split: str = "paragraph"  # for plain-text inputs: paragraph | line | file
+    stages: list[dict] = field(default_factory=list)
+    workers: int = 1
+    executor: str = "local"
+    shard_docs: int = 20_000
+    tokenizer: str | None = None
+    on_error: str = "fail"  # fail | skip (broken input lines)
+
+    def __post_init__(self) -> None:
+        if not self.inputs and not self.synth:
+            raise SlmforgeError("curate config: give `inputs` (files) and/or `synth` (a recipe)")
+        if self.executor not in EXECUTORS:
+            raise SlmforgeError(f"curate config: executor {self.executor!r}; choose from {', '.join(EXECUTORS)}")
+        if self.workers < 1 or self.shard_docs < 1:
+            raise SlmforgeError("curate config: workers and shard_docs must be >= 1")
+        if self.on_error not in ("fail", "skip"):
+            raise SlmforgeError("curate config: on_error must be fail or skip")
+        for i, st in enumerate(self.stages):
+            if not isinstance(st, dict) or len(st) != 1 or next(iter(st)) not in STAGES:
+                raise SlmforgeError(f"curate config: stages[{i}] must be one of "
+                                    f"{', '.join(f'{{{s}: {{...}}}}' for s in STAGES)}, got {st!r}")
+            opts = next(iter(st.values()))
+            if opts is not None and not isinstance(opts, dict):
+                raise SlmforgeError(f"curate config: stages[{i}].{next(iter(st))} options must be a mapping")
+
+
+def load_curate_config(path: str | Path, **overrides) -> CurateConfig:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise SlmforgeError(f"{path}: no such file")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise SlmforgeError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise SlmforgeError(f"{path}: expected a mapping at the top level")
+    known = set(CurateConfig.__dataclass_fields__)
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise SlmforgeError(f"{path}: unknown field {unknown[0]!r} (known: {', '.join(sorted(known))})")
+    if isinstance(raw.get("inputs"), str):
+        raw["inputs"] = [raw["inputs"]]
+    # relative paths in the config are relative to the config file; overrides to the working folder
+    base = path.parent
+    raw["inputs"] = [p if os.path.isabs(p) else str(base / p) for p in raw.get("inputs") or []]
+    if "out" in raw:
+        raw["out"] = raw["out"] if os.path.isabs(raw["out"]) else str(base / raw["out"])
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return CurateConfig(**raw)
+    except SlmforgeError as e:
+        raise SlmforgeError(f"{path}: {e}") from None
+
+
+# ------------------------------------------------------------------------------------------ shards
+
+
+def shard_paths(folder: Path) -> list[Path]:
+    return sorted(folder.glob("part-*.jsonl"))
+
+
+@dataclass
+class Counts:
+    docs: int = 0
+    words: int = 0
+    bytes: int = 0
+    tokens: int = 0
+
+    def add(self, text: str, tokenizer=None) -> None:
+        self.docs += 1
+        self.words += len(text.split())
+        self.bytes += len(text.encode("utf-8"))
+        if tokenizer is not None:
+            self.tokens += len(tokenizer.encode(text))
+
+    def merge(self, other: dict) -> None:
+        for k in ("docs", "words", "bytes", "tokens"):
+            setattr(self, k, getattr(self, k) + other.get(k, 0))
+
+
+@functools.cache
+def _tokenizer(path: str | None):
+    if not path:
+        return None
+    from slmforge.tokenizer import Tokenizer
+
+    return Tokenizer.from_dir(path)
+
+
+def _write_lines(path: Path, rows: list[dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def run_doc_fn_on_shard(fn: BatchFn, src: Path, dst_dir: Path, tokenizer: str | None = None) -> dict:
+    """Apply a per-document stage to one shard; writes part-i.jsonl, removed-i.jsonl, part-i.stats.json
+    (the stats file last: its presence marks the shard done)."""
+    stats_path = dst_dir / (src.stem + ".stats.json")
+    if stats_path.is_file():
+        return read_json(stats_path)
+    tok = _tokenizer(tokenizer)
+    kept, removed = [], []
+    c_in, c_out = Counts(), Counts()
+    reasons: Counter[str] = Counter()
+    examples: dict[str, list[str]] = {}
+    docs = list(read_jsonl(src))
+    results = [r for i in range(0, len(docs), BATCH) for r in fn(docs[i:i + BATCH])]
+    for doc, (out, reason) in zip(docs, results, strict=True):
+        c_in.add(doc["text"], tok)
+        if out is None:
+            reasons[reason] += 1
+            removed.append({**doc, "removed_by": reason})
+            ex = examples.setdefault(reason, [])
+            if len(ex) < N_EXAMPLES:
+                ex.append(doc["text"][:300])
+        else:
+            kept.append(out)
+            c_out.add(out["text"], tok)
+    _write_lines(dst_dir / src.name, kept)
+    _write_lines(dst_dir / src.name.replace("part-", "removed-"), removed)
+    stats = {"in": vars(c_in), "out": vars(c_out), "reasons": dict(reasons), "examples": examples}
+    write_json(stats_path, stats)
+    return stats
+
+
+def _run_shard_task(args: tuple) -> dict:
+    return run_doc_fn_on_shard(*args)
+
+
+def map_shards(fn: BatchFn, src_dir: Path, dst_dir: Path, workers: int, tokenizer: str | None,
+               label: str) -> list[dict]:
+    """Run a per-document stage over every shard with a process pool (shards already done are reused)."""
+    from rich.progress import Progress
+
+    shards = shard_paths(src_dir)
+    tasks = [(fn, s, dst_dir, tokenizer) for s in shards]
+    results = []
+    with Progress(console=console, transient=True) as progress:
+        bar = progress.add_task(label, total=len(tasks))
+        if workers > 1 and len(tasks) > 1:
+            # spawn: torch and tokenizers are not fork-safe once their thread pools have started
+            with mp.get_context("spawn").Pool(min(workers, len(tasks)), initializer=_worker_init) as pool:
+                for r in pool.imap(_run_shard_task, tasks):
+                    results.append(r)
+                    progress.advance(bar)
+        else:
+            for t in tasks:
+                results.append(_run_shard_task(t))
+                progress.advance(bar)
+    return results
+
+
+def _worker_init() -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+    except ImportError:
+        pass
+
+
+# ------------------------------------------------------------------------------------- doc stages
+
+
+def _quality_batch(docs: list[dict], cfg) -> list[DocResult]:
+    from slmforge.data.quality import quality_reasons
+
+    out = []
+    for doc in docs:
+        reasons = quality_reasons(doc["text"], cfg)
+        out.append((None, f"quality:{reasons[0]}") if reasons else (doc, None))
+    return out
+
+
+def _decontam_batch(docs: list[dict], index) -> list[DocResult]:
+    return [(None, "decontam") if index.match(d["text"]) is not None else (d, None) for d in docs]
+
+
+@functools.cache
+def _load_classifier(path: str):
+    from slmforge.data.edu import load_classifier
+
+    return load_classifier(path)
+
+
+def _edu_batch(docs: list[dict], classifier: str, min_score: float) -> list[DocResult]:
+    from slmforge.data.edu import score_documents
+
+    scored = score_documents(docs, _load_classifier(classifier), batch_size=len(docs))
+    return [(d, None) if d["edu_score"] >= min_score else (None, "edu") for d in scored]
+
+
+def make_doc_fn(name: str, opts: dict, cfg: CurateConfig) -> BatchFn:
+    """The picklable per-document function (over a batch) of a stage, built from its options."""
+    opts = dict(opts or {})
+    if name == "quality":
+        from slmforge.data.quality import QualityConfig
+
+        return functools.partial(_quality_batch, cfg=_dataclass_from(QualityConfig, opts, "quality"))
+    if name == "decontam":
+        from slmforge.data.decontam import DecontamIndex
+
+        evals = opts.pop("eval", None)
+        if not evals:
+            raise SlmforgeError("curate config: decontam needs `eval: [files with the evaluation sets]`")
+        index = DecontamIndex.from_files([evals] if isinstance(evals, str) else evals, n=int(opts.pop("n", 13)),
+                                         min_words=int(opts.pop("min_words", 8)),
+                                         text_field=opts.pop("text_field", "text"))
+        _no_more(opts, "decontam")
+        return functools.partial(_decontam_batch, index=index)
+    if name == "edu":
+        clf = opts.pop("classifier", None)
+        if not clf:
+            raise SlmforgeError("curate config: edu needs `classifier: <dir from slmforge data train-classifier>`")
+        min_score = float(opts.pop("min_score", 3))
+        _no_more(opts, "edu")
+        _load_classifier(str(clf))  # fail early on a bad path
+        return functools.partial(_edu_batch, classifier=str(clf), min_score=min_score)
+    raise SlmforgeError(f"unknown per-document stage {name!r}")
+
+
+def _no_more(opts: dict, stage: str) -> None:
+    if opts:
+        raise SlmforgeError(f"curate config: {stage}: unknown option {next(iter(opts))!r}")
+
+
+def _dataclass_from(cls, opts: dict, stage: str):
+    known = set(cls.__dataclass_fields__)
+    bad = sorted(set(opts) - known)
+    if bad:
+        raise SlmforgeError(f"curate config: {stage}: unknown option {bad[0]!r} (known: {', '.join(sorted(known))})")
+    return cls(**opts)
+
+
+# ------------------------------------------------------------------------------------------- dedup
+
+
+def _signatures_of_shard(args: tuple) -> list:
+    from slmforge.data.dedup import minhash_signature
+
+    path, cfg = args
+    return [minhash_signature(d["text"], cfg) for d in read_jsonl(path)]
+
+
+def run_dedup(src_dir: Path, dst_dir: Path, opts: dict, workers: int, tokenizer: str | None) -> list[dict]:
+    """Exact + MinHash near-dedup over all shards: signatures in parallel, clustering in one process."""
+    from slmforge.data.dedup import DedupConfig, duplicate_map
+
+    cfg = _dataclass_from(DedupConfig, dict(opts or {}), "dedup")
+    shards = shard_paths(src_dir)
+    with console.status("dedup: MinHash signatures"):
+        if workers > 1 and len(shards) > 1:
+            with mp.get_context("spawn").Pool(min(workers, len(shards)), initializer=_worker_init) as pool:
+                sigs = pool.map(_signatures_of_shard, [(s, cfg) for s in shards])
+        else:
+            sigs = [_signatures_of_shard((s, cfg)) for s in shards]
+    sources: list[str] = []  # what to call a kept document in its duplicates' `duplicate_of`
+
+    def texts():
+        for s in shards:
+            for d in read_jsonl(s):
+                sources.append(str(d.get("id", d.get("source", len(sources)))))
+                yield d["text"]
+
+    with console.status("dedup: clustering"):
+        dupes = duplicate_map(texts(), [g for shard in sigs for g in shard], cfg)  # {global index: Duplicate}
+    offset, results = 0, []
+    for s, shard_sigs in zip(shards, sigs, strict=True):
+        # documents come back in file order, so a counter gives each one its global index
+        index = itertools.count(offset)
+
+        def fn(docs: list[dict], index=index) -> list[DocResult]:
+            out = []
+            for doc in docs:
+                dup = dupes.get(next(index))
+                if dup is None:
+                    out.append((doc, None))
+                else:
+                    doc["duplicate_of"], doc["similarity"] = sources[dup.kept], round(dup.similarity, 3)
+                    out.append((None, f"dedup:{dup.reason}"))
+            return out
+
+        results.append(run_doc_fn_on_shard(fn, s, dst_dir, tokenizer))
+        offset += len(shard_sigs)
+    return results
+
+
+# ---------------------------------------------------------------------------------------- datatrove
+
+
+def datatrove_pipeline(fn: BatchFn, src_dir: str | Path, dst_dir: str | Path) -> list:
+    """The datatrove pipeline for a per-document stage: read our shards, apply `fn`, write kept docs
+    (and removed ones, with their reason) as flat JSONL. Hand it to datatrove's LocalPipelineExecutor,
+    SlurmPipelineExecutor or RayPipelineExecutor."""
+    from datatrove.pipeline.base import PipelineStep
+    from datatrove.pipeline.readers import JsonlReader
+    from datatrove.pipeline.writers import JsonlWriter
+
+    class SlmforgeStage(PipelineStep):
+        name = "slmforge stage"
+        type = "slmforge"
+
+        def __init__(self, fn: BatchFn, removed_dir: str):
+            super().__init__()
+            self.fn, self.removed_dir = fn, removed_dir
+
+        def run(self, data, rank: int = 0, world_size: int = 1):
+            removed = []
+            for batch in itertools.batched(data, BATCH) if hasattr(itertools, "batched") else _batched(data):
+                docs = [{"text": d.text, "id": d.id, **d.metadata} for d in batch]
+                for document, doc, (out, reason) in zip(batch, docs, self.fn(docs), strict=True):
+                    self.stat_update("total")
+                    if out is None:
+                        self.stat_update(f"dropped_{reason}")
+                        removed.append({**doc, "removed_by": reason})
+                        continue
+                    self.stat_update("forwarded")
+                    document.text = out.pop("text")
+                    out.pop("id", None)
+                    document.metadata = out
+                    yield document
+            _write_lines(Path(self.removed_dir) / f"removed-{rank:05d}.jsonl", removed)
+
+    return [
+        JsonlReader(str(src_dir), glob_pattern="part-*.jsonl", compression=None, add_file_path=False),
+        SlmforgeStage(fn, str(dst_dir)),
+        JsonlWriter(str(dst_dir), output_filename="part-${rank}.jsonl", compression=None, expand_metadata=True),
+    ]
+
+
+def run_datatrove(fn: BatchFn, src_dir: Path, dst_dir: Path, workers: int, tokenizer: str | None) -> list[dict]:
+    from datatrove.executor import LocalPipelineExecutor
+
+    n_tasks = max(1, len(shard_paths(src_dir)))
+    executor = LocalPipelineExecutor(
+        pipeline=datatrove_pipeline(fn, src_dir, dst_dir), tasks=n_tasks, workers=min(workers, n_tasks),
+        logging_dir=str(dst_dir / ".datatrove"), skip_completed=True, start_method="spawn")
+    executor.run()
+    # per-shard stats in our own format, from what datatrove wrote
+    tok = _tokenizer(tokenizer)
+    results = []
+    for src in shard_paths(src_dir):
+        c_in = Counts()
+        for d in read_jsonl(src):
+            c_in.add(d["text"], tok)
+        results.append({"in": vars(c_in), "out": vars(Counts()), "reasons": {}, "examples": {}})
+    out, reasons, examples = Counts(), Counter(), {}
+    for p in shard_paths(dst_dir):
+        for d in read_jsonl(p):
+            out.add(d["text"], tok)
+    for p in sorted(dst_dir.glob("removed-*.jsonl")):
+        for d in read_jsonl(p):
+            reasons[d["removed_by"]] += 1
+            ex = examples.setdefault(d["removed_by"], [])
+            if len(ex) < N_EXAMPLES:
+                ex.append(d["text"][:300])
+    results[0].update(out=vars(out), reasons=dict(reasons), examples=examples)
+    return results
+
+
+def _batched(it, n: int = BATCH):  # itertools.batched before Python 3.12
+    it = iter(it)
+    while chunk := list(itertools.islice(it, n)):
+        yield chunk
+
+
+# --------------------------------------------------------------------------------------------- run
+
+
+def _merge(results: list[dict]) -> dict:
+    c_in, c_out, reasons, examples = Counts(), Counts(), Counter(), {}
+    for r in results:
+        c_in.merge(r["in"])
+        c_out.merge(r["out"])
+        reasons.update(r["reasons"])
+        for k, v in r["examples"].items():
+            examples.setdefault(k, []).extend(v[: N_EXAMPLES - len(examples.get(k, []))])
+    return {"in": vars(c_in), "out": vars(c_out), "reasons": dict(reasons), "examples": examples}
+
+
+def run_source(cfg: CurateConfig, out: Path) -> dict:
+    """Stage 0: synthesize (if asked) and ingest everything into shards of cfg.shard_docs documents."""
+    from slmforge.data.ingest import ingest
+
+    dst = out / "00-source"
+    if (dst / "stats.json").is_file() and (out / "00-source.done").is_file():
+        return read_json(out / "00-source.json")
+    inputs = []
+    for pattern in cfg.inputs:
+        hits = sorted(glob.glob(pattern))
+        if not hits:
+            raise SlmforgeError(f"curate config: inputs: {pattern}: no such file")
+        inputs.extend(hits)
+    synth_stats = None
+    if cfg.synth:
+        from slmforge.data.synth import synthesize
+
+        opts = dict(cfg.synth)
+        recipe = opts.pop("recipe", "stories")
+        n = int(opts.pop("n", 1000))
+        synth_path = out / "synth" / f"{recipe}.jsonl"
+        synth_path.parent.mkdir(parents=True, exist_ok=True)
+        synth_stats = synthesize(recipe, n, synth_path, **opts)
+        inputs.append(str(synth_path))
+    t0 = time.time()
+    stats = ingest(inputs, dst, shard_docs=cfg.shard_docs, text_field=cfg.text_field, split=cfg.split,
+                   on_error=cfg.on_error)
+    tok = _tokenizer(cfg.tokenizer)
+    c = Counts()
+    for s in shard_paths(dst):
+        for d in read_jsonl(s):
+            c.add(d["text"], tok)
+    result = {"in": vars(c), "out": vars(c), "reasons": {}, "examples": {}, "seconds": time.time() - t0,
+              "ingest": _as_dict(stats), "synth": _as_dict(synth_stats)}
+    write_json(out / "00-source.json", result)
+    atomic_write_text(out / "00-source.done", "")
+    return result
+
+
+def _as_dict(obj) -> dict | None:
+    if obj is None:
+        return None
+    if hasattr(obj, "to_dict"):
+        return obj.to_dict()
+    if hasattr(obj, "__dataclass_fields__"):
+        from dataclasses import asdict
+
+        return json.loads(json.dumps(asdict(obj), default=str))
+    return dict(obj)
+
+
+def curate(cfg: CurateConfig) -> dict:
+    """Run the chain; returns the report dict (also written to out/report.json, report.md, funnel.png)."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    console.print(f"[bold]curate[/] -> {out} ({cfg.executor} executor, {cfg.workers} worker(s))")
+    stages = [{"stage": "source", **run_source(cfg, out)}]
+    console.print(f"· source: {stages[0]['out']['docs']:,} docs")
+    src = out / "00-source"
+    for i, st in enumerate(cfg.stages, 1):
+        name, opts = next(iter(st.items()))
+        dst = out / f"{i:02d}-{name}"
+        done = dst / "stats.json"
+        if done.is_file():
+            result = read_json(done)
+        else:
+            dst.mkdir(parents=True, exist_ok=True)
+            t0 = time.time()
+            if name == "dedup":
+                shard_results = run_dedup(src, dst, opts, cfg.workers, cfg.tokenizer)
+            else:
+                fn = make_doc_fn(name, opts, cfg)
+                if cfg.executor == "datatrove":
+                    shard_results = run_datatrove(fn, src, dst, cfg.workers, cfg.tokenizer)
+                else:
+                    shard_results = map_shards(fn, src, dst, cfg.workers, cfg.tokenizer, name)
+            result = {**_merge(shard_results), "seconds": time.time() - t0, "options": opts or {}}
+            write_json(done, result)
+        stages.append({"stage": name, **result})
+        console.print(f"· {name}: {result['in']['docs']:,} -> {result['out']['docs']:,} docs "
+                      f"({result['in']['docs'] - result['out']['docs']:,} removed)")
+        src = dst
+    final = out / "final"
+    if final.is_symlink() or final.exists():
+        final.unlink() if final.is_symlink() else shutil.rmtree(final)
+    final.symlink_to(src.name)
+    report = {"config": {k: v for k, v in vars(cfg).items()}, "stages": stages, "final_dir": str(src),
+              "seconds": time.time() - t_start}
+    write_curate_report(report, out)
+    return report
+
+
+# ------------------------------------------------------------------------------------------ report
+
+
+def write_curate_report(report: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stages = report["stages"]
+    has_tokens = any(s["out"].get("tokens") for s in stages)
+    unit = "tokens" if has_tokens else "words"
+    lines = ["# Data curation report", "",
+             f"Final data: `{report['final_dir']}` · {report['seconds']:.1f} s", "",
+             f"| stage | docs in | docs out | removed | {unit} in | {unit} out | MB out | seconds |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for s in stages:
+        lines.append(f"| {s['stage']} | {s['in']['docs']:,} | {s['out']['docs']:,} | "
+                     f"{s['in']['docs'] - s['out']['docs']:,} | {s['in'][unit]:,} | {s['out'][unit]:,} | "
+                     f"{s['out']['bytes'] / 1e6:.2f} | {s.get('seconds', 0):.1f} |")
+    lines += ["", "## Removal reasons", ""]
+    for s in stages:
+        if not s["reasons"]:
+            continue
+        lines += [f"### {s['stage']}", "", "| reason | docs |", "|---|---:|"]
+        lines += [f"| {r} | {n:,} |" for r, n in sorted(s["reasons"].items(), key=lambda kv: -kv[1])]
+        lines.append("")
+        for r, exs in s["examples"].items():
+            for ex in exs[:2]:
+                lines.append(f"- `{r}`: " + ex.replace("\n", " ")[:200])
+        lines.append("")
+    lines += ["![docs per stage](funnel.png)", ""]
+    atomic_write_text(out / "report.md", "\n".join(lines))
+    write_json(out / "report.json", report)
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    names = [s["stage"] for s in stages]
+    ax.bar(names, [s["out"]["docs"] for s in stages], color="#4c72b0")
+    ax.set_ylabel("documents out")
+    ax.set_title("documents after each stage")
+    for j, s in enumerate(stages):
+        ax.text(j, s["out"]["docs"], f"{s['out']['docs']:,}", ha="center", va="bottom", fontsize=8)
+    fig.tight_layout()
+    tmp = out / ".funnel.png.tmp"
+    fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    os.replace(tmp, out / "funnel.png")
