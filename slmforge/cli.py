@@ -20,9 +20,10 @@ tokenizer_app = typer.Typer(no_args_is_help=True, help="Train and inspect tokeni
 app.add_typer(import_app, name="import")
 app.add_typer(tokenizer_app, name="tokenizer")
 
-from slmforge.cli_data import data_app  # noqa: E402 - the data system's commands live in their own module
+from slmforge.cli_data import data_app, synth  # noqa: E402 - the data system's commands live in their own module
 
 app.add_typer(data_app, name="data")
+app.command()(synth)
 
 
 def _load(model_dir: Path, dtype: str = "float32"):
@@ -246,6 +247,76 @@ def import_llama2c_cmd(
 
     out = import_llama2c(model_bin, tokenizer_bin, out_dir)
     typer.echo(f"wrote {out}")
+
+
+@app.command()
+def serve(
+    models: Annotated[list[str], typer.Argument(help="Model directories (named after the folder) or NAME=DIR.")],
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    api_key_env: Annotated[str | None, typer.Option(
+        help="Environment variable holding the API key(s), comma-separated; unset = no authentication.")] = None,
+    max_concurrent: Annotated[int, typer.Option(help="Requests in flight before 429s.")] = 64,
+    max_batch: Annotated[int, typer.Option(help="KV-cache slots per model (sequences decoded together).")] = 16,
+    max_tokens_limit: Annotated[int | None, typer.Option(help="Most tokens a request may generate.")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds a request may run.")] = 600.0,
+    threads: Annotated[int | None, typer.Option(help="Torch CPU threads (default: torch's).")] = None,
+    dtype: Dtype = "float32",
+) -> None:
+    """OpenAI-compatible HTTP server: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics."""
+    import os
+
+    import torch
+    import uvicorn
+
+    from slmforge.serve.app import ServerConfig, create_app
+
+    keys: list[str] = []
+    if api_key_env:
+        keys = [k.strip() for k in os.environ.get(api_key_env, "").split(",") if k.strip()]
+        if not keys:
+            raise SlmforgeError(f"--api-key-env {api_key_env}: the variable is unset or empty")
+    if dtype not in ("float32", "bfloat16"):
+        raise SlmforgeError(f"--dtype {dtype}: choose float32 or bfloat16")
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = ServerConfig(max_concurrent=max_concurrent, max_batch=max_batch, max_tokens_limit=max_tokens_limit,
+                       timeout_s=timeout, api_keys=keys)
+    application = create_app(models, cfg, dtype=getattr(torch, dtype))
+    typer.echo(f"serving {', '.join(application.state.workers)} on http://{host}:{port}/v1", err=True)
+    uvicorn.run(application, host=host, port=port, log_level="warning")
+
+
+@app.command("bench-serve")
+def bench_serve(
+    url: Annotated[str, typer.Argument(help="Base URL of an OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1")],
+    model: Annotated[str, typer.Option(help="Model name on that server.")],
+    concurrency: Annotated[int, typer.Option(help="Clients sending requests back to back.")] = 16,
+    duration: Annotated[float, typer.Option(help="Seconds to run.")] = 60.0,
+    prompt_lens: Annotated[str, typer.Option(help="Prompt lengths in words, comma-separated (cycled).")] = "16,64,128",
+    max_tokens: Annotated[int, typer.Option(help="Tokens to generate per request.")] = 64,
+    api_key_env: Annotated[str | None, typer.Option(help="Environment variable holding the API key.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the summary here as JSON.")] = None,
+) -> None:
+    """Load-test a server: throughput, time to first token and latency (p50/p99)."""
+    import asyncio
+    import json
+    import os
+
+    from slmforge.serve.bench import run_load
+
+    try:
+        lens = tuple(int(x) for x in prompt_lens.split(",") if x.strip())
+    except ValueError:
+        raise SlmforgeError(f"--prompt-lens {prompt_lens!r}: expected comma-separated integers") from None
+    key = os.environ.get(api_key_env) if api_key_env else None
+    s = asyncio.run(run_load(url, model, concurrency, duration, lens or (16,), max_tokens, key)).summary()
+    typer.echo(f"{s['requests']} requests, {s['errors']} errors {s['errors_by_status'] or ''} in {s['duration_s']:.1f} s"
+               f" · {s['requests_per_s']:.2f} req/s · {s['completion_tokens_per_s']:.1f} tokens/s · "
+               f"TTFT p50 {s['ttft_p50_ms']:.0f} ms p99 {s['ttft_p99_ms']:.0f} ms · "
+               f"latency p50 {s['latency_p50_ms']:.0f} ms p99 {s['latency_p99_ms']:.0f} ms")
+    if json_out:
+        json_out.write_text(json.dumps(s, indent=2))
 
 
 def main() -> None:

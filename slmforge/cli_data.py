@@ -103,3 +103,180 @@ def data_curate(
     first, last = report["stages"][0], report["stages"][-1]
     typer.echo(f"wrote {cfg.out}/final · {first['out']['docs']:,} -> {last['out']['docs']:,} documents · "
                f"{report['seconds']:.1f} s · report {cfg.out}/report.md")
+
+
+@data_app.command("filter")
+def data_filter(
+    inputs: Inputs,
+    out: Annotated[Path, typer.Option(help="Output folder.")],
+    min_words: Annotated[int | None, typer.Option(help="Gopher: fewest words (default 50).")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="QualityConfig FIELD=VALUE (repeatable; "
+                                                                 "null switches a rule off), e.g. "
+                                                                 "min_terminal_punct_lines=null.")] = None,
+    classifier: Annotated[Path | None, typer.Option(help="Also keep only documents this edu classifier "
+                                                         "scores >= --min-score.")] = None,
+    min_score: Annotated[float, typer.Option(help="Edu score threshold (with --classifier).")] = 3.0,
+    quality: Annotated[bool, typer.Option(help="Run the heuristic (Gopher/C4) quality rules.")] = True,
+    text_field: TextField = "text",
+    split: Split = "paragraph",
+    workers: Workers = 1,
+    on_error: OnError = "fail",
+) -> None:
+    """Heuristic quality rules (Gopher, C4) and/or the educational-value classifier."""
+    import yaml
+
+    from slmforge.data.quality import QualityConfig
+    from slmforge.errors import SlmforgeError
+
+    stages = []
+    if quality:
+        opts = {} if min_words is None else {"min_words": min_words}
+        for item in set_ or []:
+            key, sep, value = item.partition("=")
+            if not sep or key not in QualityConfig.__dataclass_fields__:
+                raise SlmforgeError(f"--set {item!r}: expected FIELD=VALUE with FIELD one of "
+                                    f"{', '.join(QualityConfig.__dataclass_fields__)}")
+            opts[key] = yaml.safe_load(value)
+        stages.append({"quality": opts})
+    if classifier:
+        stages.append({"edu": {"classifier": str(classifier), "min_score": min_score}})
+    if not stages:
+        raise SlmforgeError("nothing to do: give --quality and/or --classifier")
+    from slmforge.data.curate import CurateConfig, curate
+
+    report = curate(CurateConfig(out=str(out), inputs=list(inputs), text_field=text_field, split=split,
+                                 stages=stages, workers=workers, on_error=on_error))
+    first, last = report["stages"][0], report["stages"][-1]
+    typer.echo(f"wrote {out}/final · {first['out']['docs']:,} -> {last['out']['docs']:,} documents · "
+               f"report {out}/report.md")
+
+
+@data_app.command("annotate")
+def data_annotate(
+    inputs: Inputs,
+    teacher: Annotated[str, typer.Option(help="LM spec: a model dir or openai:<base_url>#<model>.")],
+    out: Annotated[Path, typer.Option(help="Labels JSONL (appended; re-run to resume).")],
+    id_field: Annotated[str, typer.Option(help="Field identifying each document.")] = "id",
+    text_field: TextField = "text",
+    limit: Annotated[int | None, typer.Option(help="Annotate at most this many documents.")] = None,
+    max_chars: Annotated[int, typer.Option(help="Characters of each document shown to the teacher.")] = 1000,
+    concurrency: Annotated[int, typer.Option(help="Requests in flight (remote teachers).")] = 8,
+    rpm: Annotated[float, typer.Option(help="Requests per minute (0 = unlimited).")] = 0,
+    price_in: Annotated[float, typer.Option(help="USD per 1M prompt tokens, for the cost counter.")] = 0.0,
+    price_out: Annotated[float, typer.Option(help="USD per 1M completion tokens.")] = 0.0,
+    api_key_env: Annotated[str, typer.Option(help="Environment variable holding the API key.")] = "OPENAI_API_KEY",
+    retry_failed: Annotated[bool, typer.Option(help="Ask again for documents that failed before.")] = False,
+) -> None:
+    """Score documents 0-5 for educational value with a teacher LM (FineWeb-Edu prompt)."""
+    import itertools
+
+    from slmforge.data.edu import annotate
+    from slmforge.data.ingest import iter_documents
+    from slmforge.lm import open_lm
+
+    lm = open_lm(teacher, api_key_env=api_key_env,
+                 **({"concurrency": concurrency, "requests_per_minute": rpm, "price_in": price_in,
+                     "price_out": price_out} if teacher.startswith("openai:") else {}))
+    docs = iter_documents(inputs, text_field=text_field)
+    r = annotate(itertools.islice(docs, limit), lm, out, id_field=id_field)
+    typer.echo(f"wrote {out} · asked {r.asked:,} · scored {r.scored:,} · failed {r.failed:,} · "
+               f"skipped {r.skipped:,} (done before) · usage {r.usage}")
+
+
+@data_app.command("train-classifier")
+def data_train_classifier(
+    labels: Annotated[Path, typer.Argument(help="Labels: JSONL/CSV/TSV with id and score (annotate's output).")],
+    embedder: Annotated[str, typer.Option(help="Model dir (mean-pooled hidden states), a sentence-transformers "
+                                               "dir, or hashing[:N].")],
+    out: Annotated[Path, typer.Option(help="Classifier folder.")],
+    docs: Annotated[list[str] | None, typer.Option(help="Documents to join by id (default: texts in the "
+                                                        "labels file).")] = None,
+    threshold: Annotated[float, typer.Option(help="Score >= threshold counts as educational (for F1).")] = 3.0,
+    id_field: Annotated[str, typer.Option(help="Id field in labels and documents.")] = "id",
+    score_field: Annotated[str, typer.Option(help="Score field in the labels file.")] = "score",
+    text_field: TextField = "text",
+    val_fraction: Annotated[float, typer.Option(help="Held-out share for the reported metrics.")] = 0.2,
+    seed: Annotated[int, typer.Option(help="Seed of the validation split.")] = 0,
+) -> None:
+    """Fit a ridge regressor on embeddings to the labels; reports F1 at the threshold."""
+    from slmforge.data.edu import labelled_texts, load_labels, train_classifier
+    from slmforge.data.ingest import iter_documents
+
+    scores = load_labels(labels, id_field=id_field, score_field=score_field)
+    texts, ys = labelled_texts(iter_documents(docs or [labels], text_field=text_field), scores,
+                               id_field=id_field, text_field=text_field)
+    clf = train_classifier(texts, ys, embedder, out, threshold=threshold, val_fraction=val_fraction, seed=seed)
+    val = clf.metrics.get("val", {})
+    typer.echo(f"wrote {out} · {len(texts):,} labelled documents · val F1@{threshold:g} {val.get('f1', 0):.3f} "
+               f"(precision {val.get('precision', 0):.3f}, recall {val.get('recall', 0):.3f}) · "
+               f"MSE {val.get('mse', 0):.3f}")
+
+
+@data_app.command("score")
+def data_score(
+    inputs: Inputs,
+    classifier: Annotated[Path, typer.Option(help="Classifier folder (train-classifier).")],
+    out: Annotated[Path, typer.Option(help="Output JSONL with edu_score / edu_int_score added.")],
+    text_field: TextField = "text",
+) -> None:
+    """Add the classifier's edu_score to every document (use `data filter --classifier` to drop)."""
+    import json
+
+    from slmforge.data.edu import load_classifier, score_documents
+    from slmforge.data.ingest import iter_documents
+    from slmforge.io import atomic_write_text
+
+    clf = load_classifier(classifier)
+    rows = score_documents(iter_documents(inputs, text_field=text_field), clf, text_field=text_field, progress=True)
+    lines = [json.dumps(r, ensure_ascii=False) + "\n" for r in rows]
+    atomic_write_text(out, "".join(lines))
+    typer.echo(f"wrote {out} · {len(lines):,} documents scored")
+
+
+@data_app.command("diversity")
+def data_diversity(
+    path: Annotated[Path, typer.Argument(help="JSONL corpus (e.g. slmforge synth output).")],
+    out: Annotated[Path, typer.Option(help="Report folder: report.md, report.json, lengths.png.")],
+    sample: Annotated[int, typer.Option(help="Texts sampled for self-BLEU.")] = 200,
+    refs: Annotated[int, typer.Option(help="References per text for self-BLEU.")] = 10,
+    seed_field: Annotated[str, typer.Option(help="Field(s) holding the seeds, comma-separated.")] = "seed_words",
+    text_field: TextField = "text",
+) -> None:
+    """Distinct-1/2/3, self-BLEU, seed-word coverage, unique sentences and a length histogram."""
+    from slmforge.data.diversity import diversity
+
+    fields = [f for f in seed_field.split(",") if f]
+    r = diversity(path, out, sample=sample, n_refs=refs, seed_field=fields[0] if len(fields) == 1 else fields,
+                  text_field=text_field)
+    typer.echo(f"wrote {out} · {r['texts']:,} texts · distinct-1/2/3 "
+               f"{r['distinct_1']:.4f}/{r['distinct_2']:.4f}/{r['distinct_3']:.4f} · self-BLEU {r['self_bleu']:.1f}")
+
+
+def synth(
+    recipe: Annotated[str, typer.Argument(help="stories (TinyStories formula) or textbook (Phi-style).")],
+    n: Annotated[int, typer.Option(help="Samples to have in --out (re-running resumes).")],
+    out: Annotated[Path, typer.Option(help="Output JSONL (stats in OUT.stats.json).")],
+    teacher: Annotated[str, typer.Option(help="builtin (offline), a model dir, or openai:<base_url>#<model>.")] = "builtin",
+    seed: Annotated[int, typer.Option(help="Seed of the seeding formula (sample i depends on seed and i).")] = 0,
+    topics: Annotated[str | None, typer.Option(help="textbook: comma-separated topics.")] = None,
+    concurrency: Annotated[int, typer.Option(help="Requests in flight (remote teachers).")] = 8,
+    rpm: Annotated[float, typer.Option(help="Requests per minute (0 = unlimited).")] = 0,
+    max_retries: Annotated[int, typer.Option(help="Retries per request (backoff, Retry-After).")] = 6,
+    price_in: Annotated[float, typer.Option(help="USD per 1M prompt tokens, for the cost counter.")] = 0.0,
+    price_out: Annotated[float, typer.Option(help="USD per 1M completion tokens.")] = 0.0,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Teacher reply length limit.")] = None,
+    temperature: Annotated[float, typer.Option(help="Teacher sampling temperature.")] = 1.0,
+    on_error: Annotated[str, typer.Option(help="Failed requests: skip (counted; a re-run retries) or fail.")] = "skip",
+) -> None:
+    """Generate synthetic training data: TinyStories-style stories or Phi-style textbook sections."""
+    from slmforge.data.synth import synthesize
+
+    s = synthesize(recipe, n, out, teacher=teacher, seed=seed,
+                   topics=[t.strip() for t in topics.split(",")] if topics else None, concurrency=concurrency,
+                   requests_per_minute=rpm, max_retries=max_retries, price_in=price_in, price_out=price_out,
+                   max_new_tokens=max_new_tokens, temperature=temperature, on_error=on_error)
+    usage = s.usage_total or {}
+    typer.echo(f"wrote {out} · {s.existing + s.written:,}/{n:,} samples ({s.written:,} new, {s.failed:,} failed, "
+               f"{s.empty + s.refused:,} empty/refused) · {s.samples_per_s:,.0f} samples/s · "
+               f"{usage.get('prompt_tokens', 0):,}+{usage.get('completion_tokens', 0):,} tokens · "
+               f"${usage.get('cost_usd', 0):.4f}")
