@@ -49,7 +49,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class KVCache:
     """Preallocated keys/values for every layer: (layers, B, kv_heads, max_len, head_dim).
 
-    Writing a step copies into the buffer in place, so decoding never reallocates.
+    Writing a step copies into the buffer in place, so decoding never reallocates. A batch engine gives
+    each request a row (a slot): `rows(a, b)` is a view of rows a..b sharing the same storage.
     """
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
@@ -59,7 +60,24 @@ class KVCache:
         self.max_len = max_len
         self.length = 0  # positions filled so far (same for every row of the batch)
 
-    def update(self, layer: int, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def rows(self, start: int, stop: int) -> KVCache:
+        view = object.__new__(KVCache)
+        view.k, view.v = self.k[:, start:stop], self.v[:, start:stop]
+        view.max_len, view.length = self.max_len, 0
+        return view
+
+    def update(self, layer: int, pos: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               kv_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k/v (B, kv_heads, T, head_dim) at pos; return all keys/values to attend to.
+
+        pos is an int (every row at the same place) or, for one new token per row, a (B,) tensor of
+        per-row positions; then the first kv_len positions are returned and a mask hides the rest.
+        """
+        if isinstance(pos, torch.Tensor):
+            rows = torch.arange(k.shape[0], device=k.device)
+            self.k[layer, rows, :, pos] = k[:, :, 0]
+            self.v[layer, rows, :, pos] = v[:, :, 0]
+            return self.k[layer, :, :, :kv_len], self.v[layer, :, :, :kv_len]
         T = k.shape[2]
         self.k[layer, :, :, pos:pos + T] = k
         self.v[layer, :, :, pos:pos + T] = v
@@ -76,14 +94,16 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=bias)
 
-    def forward(self, x, cos, sin, cache: KVCache | None, layer: int, pos: int, mask: torch.Tensor | None):
+    def forward(self, x, cos, sin, cache: KVCache | None, layer: int, pos: int | torch.Tensor,
+                mask: torch.Tensor | None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(layer, pos, k.to(cache.k.dtype), v.to(cache.v.dtype))
+            kv_len = mask.shape[-1] if mask is not None else None
+            k, v = cache.update(layer, pos, k.to(cache.k.dtype), v.to(cache.v.dtype), kv_len)
             k, v = k.to(q.dtype), v.to(q.dtype)
         if self.n_kv != self.n_heads:
             # Expand kv heads to query heads (what HF's repeat_kv does); a view, then one copy.
@@ -166,7 +186,7 @@ class LlamaModel(nn.Module):
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
         cache: KVCache | None = None,
-        pos: int = 0,
+        pos: int | torch.Tensor = 0,
         mask: torch.Tensor | None = None,
         last_only: bool = False,
         ignore_index: int = -100,
@@ -175,22 +195,33 @@ class LlamaModel(nn.Module):
 
         targets: (B, T) ids, `ignore_index` where no loss is wanted; loss is mean cross-entropy in fp32.
         cache: write keys/values at positions pos..pos+T and attend to everything before.
+        pos: an int, or a (B,) tensor of per-row positions for batched decoding (T == 1) of sequences of
+            different lengths; then keys are read up to mask's last dimension (default: the whole cache).
         mask: optional boolean (B or 1, 1, T, S) attention mask, True where attending is allowed.
         last_only: compute logits for the last position only (generation).
         """
         B, T = idx.shape
-        if pos + T > self.config.max_position_embeddings:
-            raise ValueError(f"sequence of {pos + T} tokens exceeds max_position_embeddings "
-                             f"{self.config.max_position_embeddings}")
-        if mask is None and cache is not None and pos > 0 and T > 1:
-            # A chunk after a cached prefix: causal within the chunk, full view of the prefix.
-            mask = torch.ones(T, pos + T, dtype=torch.bool, device=idx.device).tril(pos)
-        cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
+        if isinstance(pos, torch.Tensor):
+            # The caller (the batch engine) keeps positions within the context; checking here would sync.
+            if cache is None or T != 1:
+                raise ValueError("per-row positions need a cache and one token per row")
+            if mask is None:
+                mask = torch.arange(cache.max_len, device=idx.device) <= pos[:, None]
+                mask = mask[:, None, None, :]
+            cos, sin = self.rope_cos[pos][:, None, None], self.rope_sin[pos][:, None, None]  # (B, 1, 1, D)
+        else:
+            if pos + T > self.config.max_position_embeddings:
+                raise ValueError(f"sequence of {pos + T} tokens exceeds max_position_embeddings "
+                                 f"{self.config.max_position_embeddings}")
+            if mask is None and cache is not None and pos > 0 and T > 1:
+                # A chunk after a cached prefix: causal within the chunk, full view of the prefix.
+                mask = torch.ones(T, pos + T, dtype=torch.bool, device=idx.device).tril(pos)
+            cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
         x = self.model.embed_tokens(idx)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         for i, block in enumerate(self.model.layers):
             x = block(x, cos, sin, cache, i, pos, mask)
-        if cache is not None:
+        if cache is not None and not isinstance(pos, torch.Tensor):
             cache.length = pos + T
         x = self.model.norm(x)
         if last_only:

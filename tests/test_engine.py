@@ -62,3 +62,126 @@ def test_bad_params():
         SamplingParams(top_p=0)
     with pytest.raises(SlmforgeError):
         SamplingParams(max_new_tokens=0)
+
+
+# ------------------------------------------------------------------------------- batch engine
+
+import random  # noqa: E402
+
+from slmforge.config import preset  # noqa: E402
+from slmforge.infer.engine import BatchEngine, Request, run  # noqa: E402
+from slmforge.model import KVCache, LlamaModel  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def sharp_model(tiny_tokenizer):
+    # A larger init than training uses: logits far from uniform, so argmax has no near-ties to flip.
+    torch.manual_seed(0)
+    return LlamaModel(preset("200k", vocab_size=tiny_tokenizer.vocab_size, initializer_range=0.1)).eval()
+
+
+def _mixed_requests(n: int, vocab: int, seed: int = 0) -> list[tuple[list[int], SamplingParams]]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        p = SamplingParams(max_new_tokens=rng.randint(1, 24), temperature=rng.choice([0.0, 0.7, 1.3]),
+                           top_k=rng.choice([0, 5, 40]), top_p=rng.choice([1.0, 0.9]),
+                           repetition_penalty=rng.choice([1.0, 1.3]), seed=i)
+        out.append(([rng.randrange(7, vocab) for _ in range(rng.randint(1, 40))], p))
+    return out
+
+
+def test_per_row_positions_match_full_forward():
+    torch.manual_seed(0)
+    cfg = preset("200k", vocab_size=300)
+    m = LlamaModel(cfg).eval()
+    lens = [5, 17, 9]
+    seqs = [torch.randint(0, 300, (n + 1,)) for n in lens]
+    cache = KVCache(cfg, 3, 32)
+    with torch.no_grad():
+        for i, s in enumerate(seqs):  # prefill each row to its own length
+            m(s[None, :-1], cache=cache.rows(i, i + 1), pos=0)
+        pos = torch.tensor(lens)
+        got, _ = m(torch.stack([s[-1] for s in seqs])[:, None], cache=cache, pos=pos)
+        for i, s in enumerate(seqs):
+            want, _ = m(s[None])
+            assert (got[i, -1] - want[0, -1]).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("max_batch", [1, 3, 8])
+def test_continuous_batching_equals_single_stream(sharp_model, tiny_tokenizer, max_batch):
+    reqs = _mixed_requests(10, tiny_tokenizer.vocab_size)
+    single = [list(generate_ids(sharp_model, ids, p)) for ids, p in reqs]
+    engine = BatchEngine(sharp_model, max_batch=max_batch)
+    batched = [engine.add(Request(ids, p)) for ids, p in reqs]  # more requests than slots: they queue
+    seen_batch = 0
+    while engine.has_work:
+        engine.step()
+        seen_batch = max(seen_batch, engine.n_active)
+    assert [r.output_ids for r in batched] == single
+    assert all(r.finish_reason == "length" for r in batched)
+    assert seen_batch == min(max_batch, 10)
+
+
+def test_requests_join_between_steps(sharp_model, tiny_tokenizer):
+    reqs = _mixed_requests(6, tiny_tokenizer.vocab_size, seed=1)
+    single = [list(generate_ids(sharp_model, ids, p)) for ids, p in reqs]
+    engine = BatchEngine(sharp_model, max_batch=4)
+    out = []
+    for ids, p in reqs:  # a new request arrives every other step while others decode
+        out.append(engine.add(Request(ids, p)))
+        engine.step()
+        engine.step()
+    list(run(engine))
+    assert [r.output_ids for r in out] == single
+
+
+def test_engine_stop_ids_strings_and_cancel(sharp_model, tiny_tokenizer):
+    tok = tiny_tokenizer
+    p = SamplingParams(max_new_tokens=30, temperature=1.0, seed=0)
+    full = generate_text(sharp_model, tok, "Lily", p)
+    # a stop string from the middle of the output (not from an undecodable byte, whose text changes)
+    i = next(i for i in range(4, len(full) - 2) if "\ufffd" not in full[i:i + 2])
+    stop_p = SamplingParams(max_new_tokens=30, temperature=1.0, seed=0, stop=[full[i:i + 2]])
+    want = generate_text(sharp_model, tok, "Lily", stop_p)
+    assert full[i:i + 2] not in want and len(want) < len(full)
+    engine = BatchEngine(sharp_model, tok, max_batch=2)
+    a = engine.add(Request(tok.encode("Lily", bos=True), stop_p, stop_ids=tok.stop_ids))
+    b = engine.add(Request(tok.encode("Tom", bos=True), SamplingParams(max_new_tokens=30), stop_ids=tok.stop_ids))
+    c = engine.add(Request(tok.encode("Sam", bos=True), SamplingParams(max_new_tokens=5, temperature=0)))
+    first = engine.step()
+    engine.cancel(b)  # a client went away: its slot goes to the waiting request
+    texts = {}
+    for u in [*first, *run(engine)]:
+        texts[u.request.id] = texts.get(u.request.id, "") + u.text
+    assert a.finish_reason == "stop" and texts[a.id] == want  # the same deltas as alone
+    assert b.finish_reason == "cancelled" and c.finish_reason == "length" and len(c.output_ids) == 5
+    assert engine.n_active == 0
+
+
+def test_logprobs_match_full_forward(sharp_model):
+    prompt = [1, 40, 41, 42, 43]
+    engine = BatchEngine(sharp_model, max_batch=2)
+    r = engine.add(Request(prompt, SamplingParams(max_new_tokens=6, temperature=1.0, seed=5), logprobs=3,
+                           prompt_logprobs=True))
+    engine.add(Request([1, 50], SamplingParams(max_new_tokens=9, temperature=0)))  # company in the batch
+    list(run(engine))
+    ids = prompt + r.output_ids
+    with torch.no_grad():
+        logp = sharp_model(torch.tensor([ids]))[0][0].float().log_softmax(-1)
+    want = [float(logp[i - 1, ids[i]]) for i in range(1, len(ids))]
+    assert r.prompt_token_logprobs[0] is None
+    assert r.prompt_token_logprobs[1:] == pytest.approx(want[:len(prompt) - 1], abs=1e-4)
+    assert r.token_logprobs == pytest.approx(want[len(prompt) - 1:], abs=1e-4)
+    for i, top in enumerate(r.top_logprobs):
+        best = logp[len(prompt) - 1 + i].topk(3)
+        assert [t for t, _ in top] == best.indices.tolist()
+
+
+def test_engine_rejects_what_does_not_fit(sharp_model):
+    engine = BatchEngine(sharp_model, max_batch=1)
+    ctx = sharp_model.config.max_position_embeddings
+    with pytest.raises(SlmforgeError, match="exceeds the context"):
+        engine.add(Request([1] * ctx, SamplingParams(max_new_tokens=1)))
+    with pytest.raises(SlmforgeError, match="empty prompt"):
+        engine.add(Request([], SamplingParams()))
