@@ -1,0 +1,1 @@
+"""OpenAI-compatible serving: `create_app` (FastAPI) over the batch engine, and a load generator."""
