@@ -386,6 +386,7 @@ def ingest(
             return IngestStats(**{k: v for k, v in done.items() if k in known})
 
     partial = out / ".partial"
+    created = not out.exists()  # a failed first run leaves no empty output folder behind
     shutil.rmtree(partial, ignore_errors=True)  # left over from an interrupted run
     partial.mkdir(parents=True)
     stats = IngestStats()
@@ -414,6 +415,8 @@ def ingest(
     finally:
         writer.abort()
         shutil.rmtree(partial, ignore_errors=True)
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
     return stats
 
 
