@@ -105,16 +105,13 @@ class Attention(nn.Module):
             kv_len = mask.shape[-1] if mask is not None else None
             k, v = cache.update(layer, pos, k.to(cache.k.dtype), v.to(cache.v.dtype), kv_len)
             k, v = k.to(q.dtype), v.to(q.dtype)
-        if self.n_kv != self.n_heads:
-            # Expand kv heads to query heads (what HF's repeat_kv does); a view, then one copy.
-            rep = self.n_heads // self.n_kv
-            k = k[:, :, None].expand(B, self.n_kv, rep, *k.shape[2:]).reshape(B, self.n_heads, *k.shape[2:])
-            v = v[:, :, None].expand(B, self.n_kv, rep, *v.shape[2:]).reshape(B, self.n_heads, *v.shape[2:])
+        # Query heads share kv heads in groups (HF's repeat_kv); SDPA does that without copying k and v.
+        gqa = self.n_kv != self.n_heads
         if mask is not None:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         else:
             # Causal when there is no prefix; a single new token attends to the whole prefix.
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=(pos == 0 and T > 1))
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=(pos == 0 and T > 1), enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
