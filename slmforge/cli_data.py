@@ -22,15 +22,16 @@ Workers = Annotated[int, typer.Option(help="Processes for the per-document work.
 OnError = Annotated[str, typer.Option(help="Broken input lines: fail (default) or skip (counted).")]
 
 
-def _curate_one(inputs: list[str], out: Path, stage: dict, text_field: str, split: str, workers: int,
-                on_error: str, executor: str = "local") -> None:
+def _curate_one(inputs: list[str], out: Path, stages: list[dict], text_field: str, split: str, workers: int,
+                on_error: str) -> None:
     from slmforge.data.curate import CurateConfig, curate
 
     report = curate(CurateConfig(out=str(out), inputs=list(inputs), text_field=text_field, split=split,
-                                 stages=[stage], workers=workers, on_error=on_error, executor=executor))
-    last = report["stages"][-1]
-    typer.echo(f"wrote {out}/final · {last['in']['docs']:,} -> {last['out']['docs']:,} documents · "
-               f"reasons {last['reasons'] or '{}'} · report {out}/report.md")
+                                 stages=stages, workers=workers, on_error=on_error))
+    first = report["stages"][0]
+    reasons = {k: v for st in report["stages"] for k, v in st["reasons"].items()}
+    typer.echo(f"wrote {out}/final · {first['out']['docs']:,} -> {report['stages'][-1]['out']['docs']:,} "
+               f"documents · removed {reasons or '{}'} · report {out}/report.md")
 
 
 @data_app.command("ingest")
@@ -68,7 +69,7 @@ def data_dedup(
 ) -> None:
     """Exact and MinHash-LSH near-duplicate removal; the first document of each cluster is kept."""
     stage = {"dedup": {"threshold": threshold, "ngram": ngram, "num_perm": num_perm, "exact": exact, "near": near}}
-    _curate_one(inputs, out, stage, text_field, split, workers, on_error)
+    _curate_one(inputs, out, [stage], text_field, split, workers, on_error)
 
 
 @data_app.command("decontam")
@@ -85,7 +86,7 @@ def data_decontam(
 ) -> None:
     """Drop documents sharing a long n-gram with any evaluation set."""
     stage = {"decontam": {"eval": list(eval), "n": n, "text_field": eval_text_field}}
-    _curate_one(inputs, out, stage, text_field, split, workers, on_error)
+    _curate_one(inputs, out, [stage], text_field, split, workers, on_error)
 
 
 @data_app.command("curate")
@@ -142,13 +143,7 @@ def data_filter(
         stages.append({"edu": {"classifier": str(classifier), "min_score": min_score}})
     if not stages:
         raise SlmforgeError("nothing to do: give --quality and/or --classifier")
-    from slmforge.data.curate import CurateConfig, curate
-
-    report = curate(CurateConfig(out=str(out), inputs=list(inputs), text_field=text_field, split=split,
-                                 stages=stages, workers=workers, on_error=on_error))
-    first, last = report["stages"][0], report["stages"][-1]
-    typer.echo(f"wrote {out}/final · {first['out']['docs']:,} -> {last['out']['docs']:,} documents · "
-               f"report {out}/report.md")
+    _curate_one(inputs, out, stages, text_field, split, workers, on_error)
 
 
 @data_app.command("annotate")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -71,3 +72,18 @@ def read_jsonl(path: str | Path, skip_bad: bool = False) -> Iterator[dict]:
                     continue
                 raise SlmforgeError(f"{path}:{lineno}: expected a JSON object")
             yield obj
+
+
+def swap_dir_into_place(tmp: str | Path, out: str | Path) -> None:
+    """Replace folder `out` by the finished folder `tmp` (same parent): readers see the old or the new
+    folder, never a half-written one."""
+    tmp, out = Path(tmp), Path(out)
+    if out.exists() and not out.is_dir():
+        raise SlmforgeError(f"{out}: exists and is not a directory")
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)

@@ -13,7 +13,6 @@ leaves a half-written model where a good one was.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -27,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from slmforge import __version__
 from slmforge.config import ModelConfig
 from slmforge.errors import SlmforgeError
-from slmforge.io import read_json, write_json
+from slmforge.io import read_json, swap_dir_into_place, write_json
 from slmforge.model import LlamaModel
 from slmforge.tokenizer import Tokenizer
 
@@ -132,23 +131,11 @@ def save_model_dir(
                      "params": cfg.n_params, "tokenizer_fingerprint": tokenizer.fingerprint()}
         full_meta.update(meta or {})
         write_json(tmp / "slmforge.json", full_meta)
-        _swap_into_place(tmp, out)
+        swap_dir_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise SlmforgeError(f"{out}: exists and is not a directory")
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
 
 
 def update_meta(path: str | Path, **fields) -> dict:

@@ -19,7 +19,6 @@ literature use, on a JSONL file or a list of texts:
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
@@ -30,7 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from slmforge.errors import SlmforgeError
-from slmforge.io import atomic_write_text, read_jsonl, write_json
+from slmforge.io import atomic_write_text, read_jsonl, swap_dir_into_place, write_json
 
 _TOKEN = re.compile(r"[a-z0-9]+(?:'[a-z]+)?|[^\sa-z0-9]")
 _SENTENCE_END = re.compile(r"(?<=[.!?])[\"”']?\s+|\n+")
@@ -233,13 +232,7 @@ def write_report(report: dict, out_dir: str | Path, title: str = "Diversity repo
         write_json(tmp / "report.json", report)
         atomic_write_text(tmp / "report.md", _markdown(report, title))
         plot_lengths(report, tmp / "lengths.png")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        swap_dir_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
