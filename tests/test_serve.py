@@ -230,7 +230,7 @@ def test_fuzzed_requests_never_5xx(client):
 
     @settings(max_examples=300, deadline=None, derandomize=True,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-    @given(http_requests(["tiny"]))
+    @given(http_requests(["tiny"], 300))
     def one(req):
         method, path, body, ctype = req
         r = client.request(method, path, content=body, headers={"content-type": ctype})

@@ -8,8 +8,9 @@ from __future__ import annotations
 import json
 
 
-def http_requests(model_names: list[str]):
-    """A strategy of (method, path, body bytes, content-type) tuples."""
+def http_requests(model_names: list[str], vocab_size: int = 256):
+    """A strategy of (method, path, body bytes, content-type) tuples: about half are valid generation
+    requests with random settings, the rest have junk in random fields, are not JSON, or hit other routes."""
     from hypothesis import strategies as st
 
     junk = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=True),
@@ -41,10 +42,28 @@ def http_requests(model_names: list[str]):
         "max_completion_tokens": small, "logprobs": st.one_of(st.booleans(), junk),
         "top_logprobs": st.one_of(st.integers(-1, 25), junk)})
 
+    valid = {
+        "temperature": st.floats(0, 2), "top_p": st.floats(0, 1),
+        "top_k": st.integers(0, 50), "repetition_penalty": st.floats(0.5, 2), "n": st.integers(1, 2),
+        "seed": st.integers(0, 2**32), "stream": st.booleans(), "stop": st.lists(st.text(max_size=3), max_size=4),
+        "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
+    }
+    valid_completion = st.fixed_dictionaries(
+        {"model": st.sampled_from(model_names), "prompt": st.one_of(text, st.lists(st.integers(0, vocab_size - 1), min_size=1,
+                                                                      max_size=30))},
+        optional={**valid, "max_tokens": st.integers(0, 8), "echo": st.booleans(), "logprobs": st.integers(0, 5)})
+    valid_chat = st.fixed_dictionaries(
+        {"model": st.sampled_from(model_names), "messages": st.lists(st.fixed_dictionaries(
+            {"role": st.sampled_from(["system", "user", "assistant"]), "content": text}), min_size=1, max_size=3)},
+        optional={**valid, "max_tokens": st.integers(1, 8), "logprobs": st.booleans(),
+                  "top_logprobs": st.integers(0, 5)})
+
     def dumps(body) -> bytes:
         return json.dumps(body).encode()
 
     posts = st.one_of(
+        st.tuples(st.just("POST"), st.just("/v1/completions"), valid_completion.map(dumps), st.just("application/json")),
+        st.tuples(st.just("POST"), st.just("/v1/chat/completions"), valid_chat.map(dumps), st.just("application/json")),
         st.tuples(st.just("POST"), st.just("/v1/completions"), completion.map(dumps), st.just("application/json")),
         st.tuples(st.just("POST"), st.just("/v1/chat/completions"), chat.map(dumps), st.just("application/json")),
         st.tuples(st.just("POST"), st.sampled_from(["/v1/completions", "/v1/chat/completions"]),

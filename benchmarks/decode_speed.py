@@ -1,0 +1,155 @@
+#!/usr/bin/env python
+"""Decode speed: slmforge's engine vs transformers `generate` on the same model directory (CPU).
+
+For each model (random weights of the 260k and 15m presets, and llama2.c's stories260K when
+../shared/data/tinystories has it) and each weight dtype it times greedy decoding of `--new` tokens after
+a 16-token prompt, single stream, with no stop token so every run makes exactly `--new` tokens:
+
+  slmforge     `generate_ids` (a BatchEngine with one slot)
+  transformers `AutoModelForCausalLM.from_pretrained(dir).generate(..., do_sample=False,
+               min_new_tokens=N, max_new_tokens=N)`, its default dynamic KV cache
+  batched      the engine with `--batch` requests decoding together: total tokens/s (the server's case)
+
+tokens/s = new tokens / wall time of the whole call (prefill of 16 tokens included), best of `--repeats`.
+Both produce the same greedy tokens in fp32 (checked, reported as `same_tokens`).
+
+    python benchmarks/decode_speed.py                       # 2 threads, fp32 and bf16
+    python benchmarks/decode_speed.py --threads 1 --dtypes float32
+
+llama.cpp (issue #5, item 3) needs a GGUF export first; `llama_cpp_tokens_per_s` is the hook that will
+run `llama-bench` on the exported file, and reports nothing until then.
+
+Results go to benchmarks/results/decode_speed.json (gitignored). Other processes' share of the machine
+while each row was timed is recorded as other_load_pct; distrust rows where it is high.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from train_throughput import LoadMeter  # benchmarks/ is on sys.path when run as a script
+
+from slmforge.config import preset
+from slmforge.infer.engine import BatchEngine, Request, SamplingParams, generate_ids, run
+from slmforge.model import LlamaModel
+from slmforge.modeldir import ModelDir, save_model_dir
+from slmforge.tokenizer import train_tokenizer
+
+DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "decode_speed.json"
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinystories"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def make_model_dirs(root: Path) -> dict[str, Path]:
+    words = "once upon a time there was a little girl named lily who loved to play in the park".split()
+    tok = train_tokenizer([" ".join(words[i:] + words[:i]) for i in range(len(words))] * 20, vocab_size=300)
+    dirs = {}
+    for name, vocab in [("260k", 512), ("15m", 32000)]:
+        torch.manual_seed(0)
+        dirs[f"{name} (random)"] = save_model_dir(root / name, LlamaModel(preset(name, vocab_size=vocab)), tok)
+    if (SHARED / "stories260K.bin").is_file() and (SHARED / "tok512.bin").is_file():
+        from slmforge.llama2c import import_llama2c
+
+        dirs["stories260K"] = import_llama2c(SHARED / "stories260K.bin", SHARED / "tok512.bin", root / "stories260K")
+    return dirs
+
+
+def best_time(fn, repeats: int) -> tuple[float, object]:
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+def llama_cpp_tokens_per_s(model_dir: Path, n_new: int, threads: int) -> float | None:
+    """Hook for the llama.cpp comparison: needs a GGUF export of model_dir (not there yet)."""
+    return None
+
+
+def bench_one(label: str, path: Path, dtype: str, n_new: int, batch: int, repeats: int, threads: int) -> dict:
+    import transformers
+
+    md = ModelDir.open(path)
+    ours = md.load_model("cpu", DTYPES[dtype])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).eval()
+    prompt = [1] + [(7 * i) % 250 + 5 for i in range(15)]
+    greedy = SamplingParams(max_new_tokens=n_new, temperature=0)
+
+    def run_ours():
+        return list(generate_ids(ours, prompt, greedy))
+
+    def run_hf():
+        with torch.inference_mode():
+            out = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=n_new, min_new_tokens=n_new,
+                              pad_token_id=0)
+        return out[0, len(prompt):].tolist()
+
+    def run_batched():
+        engine = BatchEngine(ours, max_batch=batch)
+        reqs = [engine.add(Request(prompt[:8 + i % 8], greedy)) for i in range(batch)]
+        list(run(engine))
+        return sum(len(r.output_ids) for r in reqs)
+
+    run_ours(), run_hf()  # warm up
+    with LoadMeter() as load:
+        t_ours, toks_ours = best_time(run_ours, repeats)
+        t_hf, toks_hf = best_time(run_hf, repeats)
+        t_batch, n_batch = best_time(run_batched, max(1, repeats - 1))
+    return {"model": label, "params": md.config.n_params, "vocab": md.config.vocab_size, "dtype": dtype,
+            "threads": threads, "new_tokens": n_new,
+            "slmforge_tokens_per_s": n_new / t_ours, "transformers_tokens_per_s": n_new / t_hf,
+            "speedup": t_hf / t_ours, "same_tokens": toks_ours == toks_hf,
+            "batch": batch, "batched_tokens_per_s": n_batch / t_batch,
+            "llama_cpp_tokens_per_s": llama_cpp_tokens_per_s(path, n_new, threads),
+            "other_load_pct": load.other_pct}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--new", type=int, default=128, help="tokens to generate per run")
+    ap.add_argument("--batch", type=int, default=16, help="requests decoded together in the batched run")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--models", default="", help="comma-separated subset of the model labels")
+    ap.add_argument("--json", type=Path, default=DEFAULT_JSON)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        dirs = make_model_dirs(Path(tmp))
+        wanted = [m.strip() for m in args.models.split(",") if m.strip()]
+        for label, path in dirs.items():
+            if wanted and not any(w in label for w in wanted):
+                continue
+            for dtype in args.dtypes.split(","):
+                rows.append(bench_one(label, path, dtype, args.new, args.batch, args.repeats, args.threads))
+                print(json.dumps(rows[-1]))
+    table = Table(title=f"decode tokens/s, single stream, greedy, {args.new} new tokens, {args.threads} threads")
+    for col in ("model", "dtype", "slmforge", "transformers", "speedup", "same tokens",
+                f"batched ×{args.batch}", "other load"):
+        table.add_column(col, justify="left" if col in ("model", "dtype") else "right")
+    for r in rows:
+        load = "?" if r["other_load_pct"] is None else f"{r['other_load_pct']:.0f}%"
+        table.add_row(r["model"], r["dtype"], f"{r['slmforge_tokens_per_s']:,.0f}",
+                      f"{r['transformers_tokens_per_s']:,.0f}", f"{r['speedup']:.1f}×", str(r["same_tokens"]),
+                      f"{r['batched_tokens_per_s']:,.0f}", load)
+    Console(width=150).print(table)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"machine": platform.processor() or platform.machine(),
+                                     "torch": torch.__version__, "rows": rows}, indent=2))
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
