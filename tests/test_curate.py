@@ -58,6 +58,7 @@ def test_curate_chain_removes_each_kind_and_reports(tmp_path):
     by = {s["stage"]: s for s in report["stages"]}
     assert by["source"]["out"]["docs"] == 135
     assert by["dedup"]["reasons"] == {"dedup:exact": 10, "dedup:near": 1}
+    assert by["dedup"]["clusters"] == 11  # each duplicate here copies a different story
     assert sum(by["quality"]["reasons"].values()) == 3  # the three junk documents, nothing else
     assert by["decontam"]["reasons"] == {"decontam": 1}
     kept = final_docs(Path(cfg.out))

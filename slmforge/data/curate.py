@@ -357,6 +357,8 @@ def run_dedup(src_dir: Path, dst_dir: Path, opts: dict, workers: int, tokenizer:
 
         results.append(run_doc_fn_on_shard(fn, s, dst_dir, tokenizer))
         offset += len(shard_sigs)
+    # clusters: groups of duplicates, each represented by the one document kept
+    results[0]["clusters"] = len({d.kept for d in dupes.values()}) if results else 0
     return results
 
 
@@ -531,6 +533,8 @@ def curate(cfg: CurateConfig) -> dict:
                 else:
                     shard_results = map_shards(fn, src, dst, cfg.workers, cfg.tokenizer, name)
             result = {**_merge(shard_results), "seconds": time.time() - t0, "options": opts or {}}
+            if name == "dedup":
+                result["clusters"] = shard_results[0].get("clusters", 0) if shard_results else 0
             write_json(done, result)
         stages.append({"stage": name, **result})
         console.print(f"· {name}: {result['in']['docs']:,} -> {result['out']['docs']:,} docs "
@@ -570,7 +574,10 @@ def write_curate_report(report: dict, out: Path) -> None:
     for s in stages:
         if not s["reasons"]:
             continue
-        lines += [f"### {s['stage']}", "", "| reason | docs |", "|---|---:|"]
+        lines += [f"### {s['stage']}", ""]
+        if "clusters" in s:
+            lines += [f"{s['clusters']:,} clusters of duplicates; the first document of each is kept.", ""]
+        lines += ["| reason | docs |", "|---|---:|"]
         lines += [f"| {r} | {n:,} |" for r, n in sorted(s["reasons"].items(), key=lambda kv: -kv[1])]
         lines.append("")
         for r, exs in s["examples"].items():
