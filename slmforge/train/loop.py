@@ -9,6 +9,12 @@ produces bit-identical losses from there on.
 
     out_dir/metrics.jsonl           one JSON row per logged step (val_loss on evaluated steps)
     out_dir/checkpoints/last.pt     the latest checkpoint (replaced atomically)
+    out_dir/checkpoints/best.pt     weights at the best value of cfg.best_metric (when set)
+
+Early stopping: with cfg.best_metric set (val_loss, or a metric that on_eval returns such as
+val_accuracy), the weights at its best evaluation are kept in best.pt and restored into the model when
+training ends; with cfg.patience > 0, training stops after that many evaluations without improvement.
+The best value and the count of evaluations without improvement live in last.pt, so resume stays exact.
 """
 
 from __future__ import annotations
@@ -36,6 +42,8 @@ from slmforge.io import atomic_write_text
 
 Batch = Any  # a tuple/list (or dict) of tensors; the default loss reads (x, y)
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
+# on_eval(step, val_loss) may return more validation metrics ({"val_accuracy": 0.9}) for the metrics row.
+OnEval = Callable[[int, float], "dict[str, float] | None"]
 
 SCHEDULES = ("cosine", "wsd", "constant")
 PRECISIONS = ("bf16", "fp32")
@@ -67,6 +75,9 @@ class TrainConfig:
     threads: int | None = None  # torch.set_num_threads
     keep_freed_memory: bool = True  # CPU: glibc keeps freed memory (see keep_freed_memory); ~2x for 15M
     progress: bool = True
+    best_metric: str | None = None  # keep (and restore at the end) the weights where this val metric is best
+    best_mode: str = "min"  # min for losses, max for accuracies
+    patience: int = 0  # stop after this many evaluations without improvement of best_metric (0: never)
 
     def __post_init__(self) -> None:
         checks = [
@@ -82,6 +93,9 @@ class TrainConfig:
             (self.eval_every >= 0 and self.ckpt_every >= 0 and self.log_every > 0,
              "eval_every/ckpt_every must be >= 0 and log_every > 0"),
             (self.threads is None or self.threads > 0, "threads must be positive"),
+            (self.best_mode in ("min", "max"), "best_mode must be min or max"),
+            (self.patience >= 0, "patience must be >= 0"),
+            (self.patience == 0 or self.best_metric, "patience (early stopping) needs best_metric"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -100,6 +114,9 @@ class TrainResult:
     resumed_from: int | None
     out_dir: Path
     history: list[dict] = field(default_factory=list, repr=False)  # this process's metric rows
+    best_step: int | None = None  # step of the best cfg.best_metric; the model holds those weights
+    best_value: float | None = None
+    stopped_early: bool = False
 
 
 class TrainingInterrupted(SlmforgeError):
@@ -288,7 +305,7 @@ def train(
     cfg: TrainConfig,
     out_dir: str | Path,
     eval_batches: Callable[[], Iterable[Batch]] | None = None,
-    on_eval: Callable[[int, float], None] | None = None,
+    on_eval: OnEval | None = None,
     loss_fn: LossFn | None = None,
     resume: bool = True,
 ) -> TrainResult:
@@ -298,7 +315,8 @@ def train(
       deterministic function of i (that is what makes resume exact). Default batches are (x, y) with
       y = -100 where no loss is wanted.
     eval_batches() yields the validation batches of this rank (the same ones every time).
-    on_eval(step, val_loss) is called on every rank after each evaluation.
+    on_eval(step, val_loss) is called on every rank after each evaluation; it may return a dict of more
+      validation metrics, which go into the metrics row (and can be cfg.best_metric).
     loss_fn(model, batch) -> scalar loss; default: model(x, y)[1]. Called under autocast.
     resume: continue from out_dir/checkpoints/last.pt when it exists; False starts over (deleting it).
     """
@@ -327,6 +345,7 @@ def _train(model, get_batch, cfg, out, eval_batches, on_eval, loss_fn, resume, d
     master = rank == 0
     console = Console(stderr=True, quiet=not (master and cfg.progress))
     ckpt_path = out / "checkpoints" / "last.pt"
+    best_path = out / "checkpoints" / "best.pt"
     metrics_path = out / "metrics.jsonl"
     if master:
         out.mkdir(parents=True, exist_ok=True)
@@ -336,6 +355,9 @@ def _train(model, get_batch, cfg, out, eval_batches, on_eval, loss_fn, resume, d
     step, tokens, elapsed0, train_time = 0, 0, 0.0, 0.0
     last_loss = last_val = None
     resumed_from = None
+    # Early stopping state: best value of cfg.best_metric, its step, evaluations since it improved.
+    best = {"value": None, "step": None, "bad_evals": 0}
+    stopped_early = False
     if resume and ckpt_path.is_file():
         ck = load_checkpoint(ckpt_path)
         try:
@@ -347,6 +369,7 @@ def _train(model, get_batch, cfg, out, eval_batches, on_eval, loss_fn, resume, d
         _set_rng_state(ck["rng"])
         step, tokens, elapsed0, train_time = ck["step"], ck["tokens"], ck["elapsed"], ck["train_time"]
         last_loss, last_val = ck.get("loss"), ck.get("val_loss")
+        best, stopped_early = ck.get("best", best), ck.get("stopped_early", False)
         resumed_from = step
         changed = {k: (v, getattr(cfg, k)) for k, v in ck["config"].items()
                    if hasattr(cfg, k) and getattr(cfg, k) != v and k not in ("progress", "threads", "device", "keep_freed_memory")}
@@ -363,6 +386,7 @@ def _train(model, get_batch, cfg, out, eval_batches, on_eval, loss_fn, resume, d
         if master:  # a fresh run: a fresh curve, and no stale checkpoint to resume into later
             metrics_path.unlink(missing_ok=True)
             ckpt_path.unlink(missing_ok=True)
+            best_path.unlink(missing_ok=True)
 
     raw_model = model
     run_model: nn.Module = torch.compile(model) if cfg.compile else model
@@ -391,8 +415,22 @@ def _train(model, get_batch, cfg, out, eval_batches, on_eval, loss_fn, resume, d
                 "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                 "tokens": tokens, "elapsed": elapsed0 + time.time() - t_start, "train_time": train_time,
                 "loss": last_loss, "val_loss": last_val, "config": asdict(cfg), "rng": _rng_state(),
-                "world_size": world,
+                "world_size": world, "best": best, "stopped_early": stopped_early,
             })
+
+    def track_best(row: dict) -> bool:
+        """Keep best.pt at the best cfg.best_metric; True when patience has run out."""
+        value = row.get(cfg.best_metric)
+        if value is None:
+            return False
+        better = best["value"] is None or (value < best["value"] if cfg.best_mode == "min" else value > best["value"])
+        if better:
+            best.update(value=value, step=step, bad_evals=0)
+            if master:
+                save_checkpoint(best_path, {"model": raw_model.state_dict(), "step": step, "value": value})
+        else:
+            best["bad_evals"] += 1
+        return cfg.patience > 0 and best["bad_evals"] >= cfg.patience
 
     n_params = sum(p.numel() for p in raw_model.parameters())
     console.print(f"training {n_params / 1e6:.2f}M params on {device}{f' x{world}' if world > 1 else ''}, "
@@ -404,7 +442,7 @@ def _train(model, get_batch, cfg, out, eval_batches, on_eval, loss_fn, resume, d
     model.train()
     with _StopRequest() as stop, _progress(console, cfg, step) as (bar, task), \
             open(metrics_path, "a", encoding="utf-8") if master else _null() as mf:
-        while step < cfg.max_steps:
+        while step < cfg.max_steps and not stopped_early:
             t0 = time.perf_counter()
             lr = lr_at(step, cfg)
             for g in optimizer.param_groups:
@@ -449,7 +487,16 @@ def _train(model, get_batch, cfg, out, eval_batches, on_eval, loss_fn, resume, d
                     row["val_loss"] = val
                     console.print(f"step {step}: val loss {val:.4f} (ppl {math.exp(min(val, 50)):.2f})")
                     if on_eval is not None:
-                        on_eval(step, val)
+                        extra = on_eval(step, val) or {}
+                        row.update(extra)
+                        if extra:
+                            console.print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in extra.items()))
+                    if cfg.best_metric:
+                        stopped_early = track_best(row)
+                        if stopped_early:
+                            console.print(f"early stop at step {step}: {cfg.best_metric} has not improved for "
+                                          f"{cfg.patience} evaluations (best {best['value']:.4f} at step "
+                                          f"{best['step']})")
             if row is not None:
                 row.update(tokens=tokens, tokens_per_s=round(win_tokens / max(win_time, 1e-9), 1),
                            elapsed=round(elapsed0 + time.time() - t_start, 3))
@@ -469,17 +516,22 @@ def _train(model, get_batch, cfg, out, eval_batches, on_eval, loss_fn, resume, d
                 flag = torch.tensor([float(stopping)], device=device)
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX)
                 stopping = bool(flag.item())
-            if step == cfg.max_steps or (cfg.ckpt_every and step % cfg.ckpt_every == 0) or stopping:
+            if step == cfg.max_steps or (cfg.ckpt_every and step % cfg.ckpt_every == 0) or stopping \
+                    or stopped_early:
                 checkpoint()
-            if stopping and step < cfg.max_steps:
+            if stopping and step < cfg.max_steps and not stopped_early:
                 raise TrainingInterrupted(f"interrupted at step {step}/{cfg.max_steps}: checkpoint saved to "
                                           f"{ckpt_path}; run the same command again to resume")
-    if resumed_from is not None and resumed_from >= cfg.max_steps:
-        console.print(f"already trained to step {step} (max_steps {cfg.max_steps}); nothing to do")
+    if resumed_from is not None and resumed_from == step:
+        console.print(f"already trained to step {step}{' (stopped early)' if stopped_early else ''}; nothing to do")
+    if cfg.best_metric and best["step"] is not None and best_path.is_file():
+        raw_model.load_state_dict(load_checkpoint(best_path)["model"])  # end on the best weights
+        console.print(f"restored the best weights: {cfg.best_metric} {best['value']:.4f} at step {best['step']}")
     return TrainResult(step=step, tokens=tokens, loss=last_loss, val_loss=last_val,
                        tokens_per_s=tokens / train_time if train_time > 0 else 0.0, train_time_s=train_time,
                        elapsed_s=elapsed0 + time.time() - t_start, resumed_from=resumed_from, out_dir=out,
-                       history=history)
+                       history=history, best_step=best["step"], best_value=best["value"],
+                       stopped_early=stopped_early)
 
 
 class _null:
