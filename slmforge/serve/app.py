@@ -3,8 +3,8 @@
     app = create_app(["runs/quickstart/pretrain/model"], api_keys=["sk-..."])
     uvicorn.run(app, port=8000)
 
-Routes: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics (Prometheus text). `/` is
-left free for a web UI.
+Routes: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics (Prometheus text), and `/`:
+a chat page (static/index.html, no external resources) that streams from this same API.
 
 Each model has one engine thread that runs continuous batching (`BatchEngine.step` in a loop). A request
 handler turns the body into engine `Request`s, hands them to that thread and awaits their updates on an
@@ -35,7 +35,7 @@ import torch
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from slmforge.errors import SlmforgeError
@@ -402,6 +402,10 @@ def create_app(model_dirs: list[str | Path] | dict[str, str | Path], config: Ser
         return tok.decode([i], skip_special=False)
 
     # ------------------------------------------------------------------------------------ routes
+
+    @app.get("/", include_in_schema=False)
+    def web_ui() -> FileResponse:  # the page asks for the API key itself; it holds no secrets
+        return FileResponse(Path(__file__).parent / "static" / "index.html")
 
     @app.get("/health")
     def health() -> dict:
