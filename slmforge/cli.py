@@ -325,6 +325,23 @@ def bench_serve(
         json_out.write_text(json.dumps(s, indent=2))
 
 
+export_app = typer.Typer(no_args_is_help=True, help="Export a model directory to other runtimes' formats.")
+app.add_typer(export_app, name="export")
+
+
+@export_app.command("gguf")
+def export_gguf_cmd(
+    model: Annotated[Path, typer.Argument(help="Model directory.")],
+    out: Annotated[Path, typer.Argument(help="GGUF file to write (for llama.cpp, Ollama).")],
+    type: Annotated[str, typer.Option("--type", help="Weight type: f32, f16 or q8_0.")] = "f16",
+) -> None:
+    """Write a GGUF v3 file (llama architecture, tokenizer and chat template included)."""
+    from slmforge.export.gguf import export_gguf
+
+    path = export_gguf(model, out, type)
+    typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+
+
 def main() -> None:
     try:
         app()

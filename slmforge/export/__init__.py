@@ -1,0 +1,1 @@
+"""Exporters from a model directory to other runtimes' formats."""
