@@ -44,7 +44,7 @@ from slmforge.io import swap_dir_into_place, write_json
 from slmforge.model import LlamaModel
 from slmforge.modeldir import ModelDir, save_model_dir
 from slmforge.tokenizer import Tokenizer
-from slmforge.train.loop import TrainConfig, train
+from slmforge.train.loop import TrainConfig, read_metrics, train
 
 TASKS = ("lm", "chat", "classify")
 MODES = ("full", "lora")
@@ -542,7 +542,7 @@ def finetune(
     model.cpu().eval()
 
     # Metrics of the weights we keep (the best evaluation's, restored by train()).
-    rows = {r["step"]: r for r in result.history}
+    rows = {r["step"]: r for r in read_metrics(out / "metrics.jsonl")}  # the whole curve, across resumes
     best_row = rows.get(result.best_step, {}) if result.best_step else {}
     metrics = {
         "train_loss": result.loss,
