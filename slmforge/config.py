@@ -86,8 +86,14 @@ class ModelConfig:
             raise SlmforgeError(f"config.json: hidden_act {d['hidden_act']!r} is not supported (need 'silu')")
         if d.get("rope_scaling"):
             raise SlmforgeError("config.json: rope_scaling is not supported yet")
+        rope = d.get("rope_parameters") or {}  # transformers >= 5 writes rope_theta in here
+        if rope.get("rope_type", "default") != "default":
+            raise SlmforgeError(f"config.json: rope_parameters.rope_type {rope['rope_type']!r} is not supported "
+                                f"(only default RoPE)")
         fields = {f.name for f in dataclasses.fields(cls)}
         kw = {k: v for k, v in d.items() if k in fields}
+        if "rope_theta" not in kw and "rope_theta" in rope:
+            kw["rope_theta"] = rope["rope_theta"]
         kw.setdefault("num_key_value_heads", d.get("num_attention_heads", cls.num_key_value_heads))
         if d.get("model_type") == "qwen2":
             kw["attention_bias"] = True

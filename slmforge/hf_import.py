@@ -58,13 +58,10 @@ def hf_config_to_ours(d: dict, source: str) -> ModelConfig:
                             f"(supported: {', '.join(SUPPORTED)}; SmolLM is LlamaForCausalLM)")
     d = dict(d)
     d.setdefault("model_type", SUPPORTED[arch])
-    # transformers >= 5 writes rope_theta inside rope_parameters
-    rope = d.pop("rope_parameters", None) or {}
-    if rope:
-        if rope.get("rope_type", "default") != "default":
-            raise SlmforgeError(f"{source}: rope_parameters.rope_type {rope['rope_type']!r} is not supported "
-                                f"(only default RoPE)")
-        d.setdefault("rope_theta", rope.get("rope_theta", 10000.0))
+    rope = d.get("rope_parameters") or {}  # transformers >= 5 (ModelConfig.from_hf_dict reads rope_theta)
+    if rope.get("rope_type", "default") != "default":
+        raise SlmforgeError(f"{source}: rope_parameters.rope_type {rope['rope_type']!r} is not supported "
+                            f"(only default RoPE)")
     checks = [
         ("mlp_bias", not d.get("mlp_bias", False), "MLP biases are not supported"),
         ("use_sliding_window", not d.get("use_sliding_window", False), "sliding-window attention is not supported"),

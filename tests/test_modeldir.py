@@ -74,3 +74,16 @@ def test_update_meta(tiny_model_dir):
     update_meta(tiny_model_dir, metrics={"val_loss": 1.5})
     assert ModelDir.open(tiny_model_dir).meta["metrics"] == {"val_loss": 1.5}
     assert ModelDir.open(tiny_model_dir).meta["stage"] == "test"
+
+
+def test_config_reads_transformers5_rope_parameters():
+    from slmforge.config import ModelConfig, preset
+    from slmforge.errors import SlmforgeError
+
+    d = preset("200k").to_hf_dict()
+    d.pop("rope_theta")
+    d["rope_parameters"] = {"rope_type": "default", "rope_theta": 500000.0}
+    assert ModelConfig.from_hf_dict(d).rope_theta == 500000.0
+    d["rope_parameters"]["rope_type"] = "yarn"
+    with pytest.raises(SlmforgeError, match="rope_type 'yarn'"):
+        ModelConfig.from_hf_dict(d)
