@@ -178,25 +178,15 @@ class LlamaModel(nn.Module):
     def n_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def forward(
+    def hidden_states(
         self,
         idx: torch.Tensor,
-        targets: torch.Tensor | None = None,
         cache: KVCache | None = None,
         pos: int | torch.Tensor = 0,
         mask: torch.Tensor | None = None,
-        last_only: bool = False,
-        ignore_index: int = -100,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """idx (B, T) token ids starting at position `pos`. Returns (logits, loss).
-
-        targets: (B, T) ids, `ignore_index` where no loss is wanted; loss is mean cross-entropy in fp32.
-        cache: write keys/values at positions pos..pos+T and attend to everything before.
-        pos: an int, or a (B,) tensor of per-row positions for batched decoding (T == 1) of sequences of
-            different lengths; then keys are read up to mask's last dimension (default: the whole cache).
-        mask: optional boolean (B or 1, 1, T, S) attention mask, True where attending is allowed.
-        last_only: compute logits for the last position only (generation).
-        """
+    ) -> torch.Tensor:
+        """(B, T, hidden) after the final norm: what lm_head sees (also the features for classifier heads
+        and embeddings). Arguments as in forward."""
         B, T = idx.shape
         if isinstance(pos, torch.Tensor):
             # The caller (the batch engine) keeps positions within the context; checking here would sync.
@@ -220,7 +210,28 @@ class LlamaModel(nn.Module):
             x = block(x, cos, sin, cache, i, pos, mask)
         if cache is not None and not isinstance(pos, torch.Tensor):
             cache.length = pos + T
-        x = self.model.norm(x)
+        return self.model.norm(x)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        pos: int | torch.Tensor = 0,
+        mask: torch.Tensor | None = None,
+        last_only: bool = False,
+        ignore_index: int = -100,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx (B, T) token ids starting at position `pos`. Returns (logits, loss).
+
+        targets: (B, T) ids, `ignore_index` where no loss is wanted; loss is mean cross-entropy in fp32.
+        cache: write keys/values at positions pos..pos+T and attend to everything before.
+        pos: an int, or a (B,) tensor of per-row positions for batched decoding (T == 1) of sequences of
+            different lengths; then keys are read up to mask's last dimension (default: the whole cache).
+        mask: optional boolean (B or 1, 1, T, S) attention mask, True where attending is allowed.
+        last_only: compute logits for the last position only (generation).
+        """
+        x = self.hidden_states(idx, cache, pos, mask)
         if last_only:
             x = x[:, -1:]
         logits = self.lm_head(x)

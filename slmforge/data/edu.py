@@ -378,22 +378,10 @@ class Embedder:
             mask = (torch.arange(T)[None, :] < torch.tensor([len(ids[i]) for i in rows])[:, None]).float()
             x, mask = x.to(self.device), mask.to(self.device)
             with torch.autocast(dev_type, dtype=torch.bfloat16, enabled=self.autocast):
-                h = final_hidden_states(model, x).float()
+                h = model.hidden_states(x).float()
             pooled = (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
             out[rows] = pooled.cpu().numpy()
         return out
-
-
-def final_hidden_states(model, idx: torch.Tensor) -> torch.Tensor:
-    """(B, T, hidden) after the final norm, i.e. what LlamaModel.forward feeds to lm_head, computed
-    from its submodules so the vocabulary projection is skipped. Causal attention means right padding
-    never changes the states of the real tokens before it."""
-    T = idx.shape[1]
-    x = model.model.embed_tokens(idx)
-    cos, sin = model.rope_cos[:T].to(x.dtype), model.rope_sin[:T].to(x.dtype)
-    for i, block in enumerate(model.model.layers):
-        x = block(x, cos, sin, None, i, 0, None)
-    return model.model.norm(x)
 
 
 def embed_texts(texts: Sequence[str], embedder: str | Path | Embedder, batch_size: int = 16,

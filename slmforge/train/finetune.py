@@ -314,13 +314,6 @@ def base_model(model: nn.Module) -> LlamaModel:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def final_hidden_states(model: LlamaModel, idx: torch.Tensor) -> torch.Tensor:
-    """(B, T, hidden) after the final norm: what forward feeds to lm_head (see slmforge/data/edu.py)."""
-    from slmforge.data.edu import final_hidden_states as states
-
-    return states(model, idx)
-
-
 class SequenceClassifier(nn.Module):
     """A language model plus a linear head on the last real token's final hidden state (`score`, the name
     transformers' LlamaForSequenceClassification uses)."""
@@ -332,7 +325,7 @@ class SequenceClassifier(nn.Module):
         nn.init.normal_(self.score.weight, std=0.02)
 
     def forward(self, x: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-        h = final_hidden_states(base_model(self.lm), x)
+        h = base_model(self.lm).hidden_states(x)
         pooled = h[torch.arange(x.shape[0], device=x.device), last]
         return self.score(pooled)
 
