@@ -25,11 +25,16 @@ from slmforge.cli_data import data_app, synth  # noqa: E402 - the data system's 
 app.add_typer(data_app, name="data")
 app.command()(synth)
 
+from slmforge.cli_tasks import eval_task, predict, run, task_data  # noqa: E402 - task data, predict, recipes
 from slmforge.cli_train import finetune, import_hf_cmd, merge_lora_cmd  # noqa: E402 - fine-tuning and conversion
 
 app.command()(finetune)
 app.command("merge-lora")(merge_lora_cmd)
 import_app.command("hf")(import_hf_cmd)
+app.command("task-data")(task_data)
+app.command()(predict)
+app.command("eval-task")(eval_task)
+app.command()(run)
 
 
 def _load(model_dir: Path, dtype: str = "float32"):

@@ -1,0 +1,220 @@
+"""Batch inference over a task JSONL file: `slmforge predict MODEL --task classify|generate|deeplog`.
+
+    classify   rows {"text"}: the classifier head when the model directory has one, else the label with
+               the highest log-likelihood after finetune.CLASSIFY_PROMPT (labels from slmforge.json or given)
+    generate   rows {"prompt"} or {"messages"}: greedy decoding with BatchEngine (the chat template renders
+               messages up to the last user turn; a final assistant turn is the reference)
+    deeplog    rows {"events"} (or "text" like "E5 E5 E22"): a next-event LM trained on normal sessions
+               flags a session as anomalous when one of its events is not among the model's top-g guesses
+               given the events before it (Du et al. 2017, with the whole history instead of a window)
+
+Output: one row per input, {"id", "prediction", ...the input's other fields except the big inputs}, so
+the file is also its own reference file for `slmforge eval-task`. Written atomically at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from slmforge.errors import SlmforgeError
+from slmforge.io import atomic_write_text
+from slmforge.modeldir import ModelDir
+from slmforge.tokenizer import Tokenizer
+
+MODES = ("classify", "generate", "deeplog")
+INPUT_FIELDS = ("text", "prompt", "messages", "events")  # not copied to the output rows
+
+
+def read_rows(path: str | Path) -> list[tuple[str, dict]]:
+    from slmforge.train.finetune import read_records
+
+    return read_records(path)
+
+
+def _progress(total: int, label: str, enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                   disable=not enabled, transient=False)
+    return bar, total
+
+
+# ---------------------------------------------------------------------------------------------------------
+# classify
+
+
+def classify(model_dir: str | Path, rows: list[tuple[str, dict]], labels: Sequence[str] | None = None,
+             batch_size: int = 32) -> list[str]:
+    """A label per row's "text": a fine-tuned classifier's own labels, else `labels` by log-likelihood."""
+    from slmforge.train.finetune import _text_field, label_logliks, predict_labels
+
+    texts = [_text_field(where, rec, "text") for where, rec in rows]
+    md = ModelDir.open(model_dir)
+    if md.meta.get("classifier"):
+        return predict_labels(model_dir, texts, batch_size)
+    if not labels:
+        raise SlmforgeError(f"{md.path}: not a fine-tuned classifier; give the label set (--labels a,b,c)")
+    model = md.load_model().eval()
+    seq_len = md.config.max_position_embeddings - 1
+    scores = label_logliks(model, md.load_tokenizer(), texts, list(labels), seq_len, batch_size)
+    return [labels[i] for i in scores.argmax(-1).tolist()]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# generate
+
+
+def prompt_ids(tok: Tokenizer, where: str, rec: dict) -> tuple[list[int], str | None]:
+    """Token ids to continue, and the reference answer when the row carries one (a final assistant turn)."""
+    if isinstance(rec.get("prompt"), str):
+        return tok.encode(rec["prompt"], bos=True), None
+    msgs = rec.get("messages")
+    if isinstance(msgs, list) and msgs and all(isinstance(m, dict) for m in msgs):
+        reference = None
+        if msgs[-1].get("role") == "assistant":
+            reference, msgs = msgs[-1].get("content"), msgs[:-1]
+        if not msgs:
+            raise SlmforgeError(f"{where}: field 'messages' has nothing before the assistant turn")
+        if not tok.chat_template:
+            raise SlmforgeError(f"{where}: chat messages, but the tokenizer has no chat template")
+        return tok.encode(tok.apply_chat_template(msgs, add_generation_prompt=True)), reference
+    raise SlmforgeError(f"{where}: needs a string 'prompt' or a list 'messages'")
+
+
+def generate(model_dir: str | Path, rows: list[tuple[str, dict]], max_tokens: int = 64,
+             stop: Sequence[str] = (), batch_size: int = 16, progress: bool = False) -> list[tuple[str, str | None]]:
+    """Greedy completions of each row's prompt (or chat), batched; (text, reference or None) per row.
+    A prompt longer than the context keeps its end, as fine-tuning does."""
+    from slmforge.infer.engine import BatchEngine, Request, SamplingParams
+
+    md = ModelDir.open(model_dir)
+    model, tok = md.load_model().eval(), md.load_tokenizer()
+    ctx = md.config.max_position_embeddings
+    if max_tokens < 1 or max_tokens >= ctx:
+        raise SlmforgeError(f"max_tokens {max_tokens} must be between 1 and the context ({ctx}) - 1")
+    params = SamplingParams(max_new_tokens=max_tokens, temperature=0.0, stop=list(stop))
+    engine = BatchEngine(model, tok, max_batch=batch_size, max_len=ctx)
+    reqs, refs = [], []
+    for where, rec in rows:
+        ids, ref = prompt_ids(tok, where, rec)
+        keep = ctx - max_tokens
+        reqs.append(engine.add(Request(ids[-keep:], params, stop_ids=tok.stop_ids)))
+        refs.append(ref)
+    bar, total = _progress(len(reqs), "generating", progress)
+    with bar:
+        task = bar.add_task("gen", total=total)
+        while engine.has_work:
+            done = sum(1 for u in engine.step() if u.finish_reason)
+            if done:
+                bar.advance(task, done)
+    return [(r.text.text.strip(), ref) for r, ref in zip(reqs, refs, strict=True)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# deeplog
+
+
+def session_events(where: str, rec: dict) -> list[int]:
+    ev = rec.get("events")
+    if isinstance(ev, list) and all(isinstance(e, int) for e in ev):
+        return ev
+    text = rec.get("text")
+    if isinstance(text, str):
+        try:
+            return [int(t.lstrip("E")) for t in text.split()]
+        except ValueError:
+            pass
+    raise SlmforgeError(f"{where}: needs 'events' (a list of event ids) or 'text' like 'E5 E5 E22'")
+
+
+def _event_piece(tok: Tokenizer, event: int, first: bool) -> list[int]:
+    return tok.encode(f"E{event}" if first else f" E{event}")
+
+
+def deeplog_scores(model_dir: str | Path, sessions: list[list[int]], top_g: int = 9,
+                   progress: bool = False) -> list[dict]:
+    """Per session: the rank of each event among the model's next-event guesses and whether it is anomalous.
+
+    Sessions are written as in training ("E5 E5 E22": bos, then "E5" and " E5"...), which a byte-level BPE
+    splits into " E" and the number; the numbers of the events that have one token are the candidates, and
+    the model ranks them at each number position (P(" E") is shared by all candidates, so the number's
+    probability ranks the events). An event whose number is not one token never occurred in training:
+    anomalous at once."""
+    md = ModelDir.open(model_dir)
+    model, tok = md.load_model().eval(), md.load_tokenizer()
+    ctx = md.config.max_position_embeddings
+    known = {}
+    for e in range(0, 1000):
+        piece = _event_piece(tok, e, first=False)
+        if len(piece) == 2:
+            known[e] = piece[1]
+    if not known:
+        raise SlmforgeError(f"{md.path}: the tokenizer encodes no event 'E<n>' as two tokens; not a DeepLog model")
+    cand = torch.tensor(sorted(set(known.values())))
+    out = []
+    bar, total = _progress(len(sessions), "scoring sessions", progress)
+    with bar, torch.inference_mode():
+        task = bar.add_task("deeplog", total=total)
+        for events in sessions:
+            ids, num_pos, unknown = [tok.bos_id] if tok.bos_id is not None else [], [], []
+            for j, e in enumerate(events):
+                piece = _event_piece(tok, e, first=j == 0)
+                ids += piece
+                num_pos.append(len(ids) - 1 if e in known else None)
+                unknown.append(e not in known)
+            ranks: list[int | None] = []
+            if ids:
+                logits_all = []
+                for s in range(0, len(ids), ctx):  # sessions longer than the context: restart the history
+                    logits_all.append(model(torch.tensor(ids[s:s + ctx])[None])[0][0].float())
+                logits = torch.cat(logits_all)
+                for p in num_pos:
+                    if p is None or p == 0:
+                        ranks.append(None)
+                        continue
+                    scores = logits[p - 1, cand]
+                    ranks.append(int((scores > logits[p - 1, ids[p]]).sum()) + 1)
+            anomalous = any(unknown) or any(r is not None and r > top_g for r in ranks)
+            out.append({"anomalous": anomalous, "ranks": ranks, "unknown_events": sum(unknown)})
+            bar.advance(task)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The file in, the file out
+
+
+def predict_file(model_dir: str | Path, mode: str, input_path: str | Path, out_path: str | Path,
+                 labels: Sequence[str] | None = None, max_tokens: int = 64, stop: Sequence[str] = (),
+                 batch_size: int = 16, top_g: int = 9, limit: int | None = None, progress: bool = False) -> dict:
+    """Predict every row of input_path with the model directory and write out_path; returns a summary."""
+    if mode not in MODES:
+        raise SlmforgeError(f"unknown predict task {mode!r}: one of {', '.join(MODES)}")
+    rows = read_rows(input_path)[:limit]
+    t0 = time.time()
+    extra: list[dict] = [{} for _ in rows]
+    if mode == "classify":
+        preds = classify(model_dir, rows, labels, batch_size)
+    elif mode == "generate":
+        gen = generate(model_dir, rows, max_tokens, stop, batch_size, progress)
+        preds = [text for text, _ in gen]
+        extra = [{"completion": ref} if ref is not None else {} for _, ref in gen]
+    else:
+        scored = deeplog_scores(model_dir, [session_events(w, r) for w, r in rows], top_g, progress)
+        preds = ["anomalous" if s["anomalous"] else "normal" for s in scored]
+        extra = [{"max_rank": max((r for r in s["ranks"] if r is not None), default=None),
+                  "unknown_events": s["unknown_events"]} for s in scored]
+    lines = []
+    for i, ((_, rec), pred, more) in enumerate(zip(rows, preds, extra, strict=True)):
+        kept = {k: v for k, v in rec.items() if k not in INPUT_FIELDS and k != "id"}
+        lines.append(json.dumps({"id": rec.get("id", i), "prediction": pred, **kept, **more}, ensure_ascii=False))
+    atomic_write_text(out_path, "".join(line + "\n" for line in lines))
+    elapsed = time.time() - t0
+    return {"rows": len(rows), "mode": mode, "seconds": round(elapsed, 2),
+            "rows_per_s": round(len(rows) / max(elapsed, 1e-9), 2), "out": str(out_path)}
+

@@ -1,0 +1,701 @@
+"""Task recipes: `slmforge run sst2` (or `slmforge run path/to/recipe.yaml`).
+
+A recipe (YAML, see slmforge/recipes/*.yaml) chains the stages that turn real task data into a model and
+a report comparing ways of getting there:
+
+    data        task_data.prepare(loader) -> out/data/{train,val,test}.jsonl
+    tokenizer   a byte-level BPE trained on the task's own training text (in-domain, small vocabulary)
+    pretrain    a small Llama pretrained on that same text (no external weights)
+    scratch     the same architecture, randomly initialised (the from-scratch baseline)
+    variants    fine-tune runs: from scratch / from the pretrained model / LoRA / from another variant
+    predict     each variant on the test file (slmforge predict)
+    eval        evaluate_predictions -> metrics.json per variant
+    report      out/report.md + out/report.json (params, trainable params, train time, quality), and
+                out/model: a copy of the best variant's model directory
+
+Every stage writes its output atomically and is skipped when that output exists, and training resumes
+from its checkpoint, so an interrupted run picks up where it stopped. Training budgets are minutes: a
+short timing probe turns them into a step count, fixed in plan.json the first time so a resumed run keeps
+the same schedule. `minutes_scale` shrinks (or grows) every budget at once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import statistics
+import time
+import types
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Union, get_args, get_origin, get_type_hints
+
+import yaml
+from rich.console import Console
+
+from slmforge.errors import SlmforgeError
+from slmforge.io import atomic_write_text, read_json, swap_dir_into_place, write_json
+
+console = Console(stderr=True)
+RECIPE_DIR = Path(__file__).parent / "recipes"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data"
+INITS = ("scratch", "pretrained")  # or "variant:<name>"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The recipe file: plain dataclasses, read from YAML with the line of every field kept for error messages
+
+
+@dataclass
+class DataSpec:
+    loader: str  # a task_data loader (sst2, multi30k, ...) or support_chat
+    options: dict = field(default_factory=dict)  # passed to the loader
+    test: str = "test.jsonl"  # the evaluation file, relative to the prepared data folder
+
+
+@dataclass
+class ModelSpec:
+    preset: str = "3m"
+    vocab_size: int = 2048
+    context: int = 256  # max_position_embeddings
+    overrides: dict = field(default_factory=dict)  # any ModelConfig field: hidden_size, num_hidden_layers, ...
+
+
+@dataclass
+class PretrainSpec:
+    text_from: list[str] = field(default_factory=lambda: ["train.jsonl"])  # data files whose text is the corpus
+    minutes: float = 5.0
+    max_steps: int | None = None
+    max_epochs: float = 50.0  # never more passes than this over the corpus
+    batch_size: int = 32
+    seq_len: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.1
+    precision: str = "bf16"
+
+
+@dataclass
+class FinetuneSpec:
+    task: str = "lm"  # lm | chat | classify
+    train: str = "train.jsonl"  # relative to the data folder
+    val: str | None = None  # default: val.jsonl when the loader wrote one, else val_fraction of train
+    mode: str = "full"  # full | lora
+    head: str = "generative"  # classify: generative | classifier
+    labels: list[str] | None = None
+    minutes: float = 5.0
+    max_steps: int | None = None
+    epochs: float = 3.0  # never more passes than this over the training data
+    batch_size: int = 32
+    seq_len: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    eval_every: int = 100
+    patience: int = 0
+    val_fraction: float = 0.05
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    precision: str = "bf16"
+
+
+@dataclass
+class VariantSpec:
+    name: str
+    init: str = "pretrained"  # scratch | pretrained | variant:<name>
+    finetune: FinetuneSpec | None = None  # None: evaluate the init model as it is
+    note: str = ""
+
+
+@dataclass
+class PredictSpec:
+    mode: str = "generate"  # classify | generate | deeplog
+    max_tokens: int = 64
+    stop: list[str] = field(default_factory=list)
+    batch_size: int = 16
+    top_g: int = 9
+    limit: int | None = None  # predict only the first N test rows
+    labels: list[str] | None = None
+
+
+@dataclass
+class EvalSpec:
+    task: str  # an evaluate_predictions task: classification, binary, translation, ...
+    metric: str  # the headline figure variants are compared (and the best chosen) by
+    labels: list[str] | None = None
+    positive: str = "anomalous"
+    ks: list[int] = field(default_factory=lambda: [5, 10])
+    tokenize: str | None = None
+
+
+@dataclass
+class Recipe:
+    name: str
+    data: DataSpec
+    variants: list[VariantSpec]
+    predict: PredictSpec
+    eval: EvalSpec
+    description: str = ""
+    seed: int = 0
+    model: ModelSpec | None = None
+    pretrain: PretrainSpec | None = None
+    extras: list[str] = field(default_factory=list)  # hdfs_parse: parse raw HDFS lines, score their sessions
+    path: str = ""
+
+
+class _Map(dict):
+    """A YAML mapping that remembers its line and the line of each key."""
+
+    line: int = 0
+    lines: dict
+
+
+class _LineLoader(yaml.SafeLoader):
+    pass
+
+
+def _construct_map(loader: _LineLoader, node: yaml.MappingNode) -> _Map:
+    m = _Map(loader.construct_mapping(node, deep=True))
+    m.line = node.start_mark.line + 1
+    m.lines = {k.value: k.start_mark.line + 1 for k, _ in node.value if isinstance(k, yaml.ScalarNode)}
+    return m
+
+
+_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_map)
+
+
+def _describe(hint) -> str:
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args if a is not type(None)) + " (or null)"
+    if origin is list:
+        return f"a list of {_describe(args[0])}"
+    if is_dataclass(hint) or hint is dict or origin is dict:
+        return "a mapping"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(hint, str(hint))
+
+
+def _convert(value, hint, where: str, name: str):
+    origin, args = get_origin(hint), get_args(hint)
+    bad = SlmforgeError(f"{where}: field '{name}' must be {_describe(hint)}, got {type(value).__name__}")
+    if origin in (Union, types.UnionType):
+        if value is None:
+            if type(None) in args:
+                return None
+            raise bad
+        return _convert(value, next(a for a in args if a is not type(None)), where, name)
+    if is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise bad
+        return _build(hint, value, where, name + ".")
+    if origin is list:
+        if not isinstance(value, list):
+            raise bad
+        file = where.rsplit(":", 1)[0]
+        return [_convert(v, args[0], f"{file}:{v.line}" if isinstance(v, _Map) else where, f"{name}[{i}]")
+                for i, v in enumerate(value)]
+    if hint is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise bad
+        return dict(value)
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if hint in (str, bool) and isinstance(value, hint):
+        return value
+    raise bad
+
+
+def _build(cls, m: dict, where: str, prefix: str = ""):
+    """cls from mapping m, every field type-checked; errors name file:line and the dotted field."""
+    file = where.rsplit(":", 1)[0]
+    hints = get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    lines = getattr(m, "lines", {})
+    for key in m:
+        if key not in names or key == "path":
+            raise SlmforgeError(f"{file}:{lines.get(key, getattr(m, 'line', '?'))}: unknown field "
+                                f"'{prefix}{key}' (one of {', '.join(sorted(names - {'path'}))})")
+    kwargs = {}
+    for f in fields(cls):
+        if f.name in m:
+            at = f"{file}:{lines.get(f.name, getattr(m, 'line', '?'))}"
+            kwargs[f.name] = _convert(m[f.name], hints[f.name], at, prefix + f.name)
+    missing = [f.name for f in fields(cls) if f.name not in kwargs and f.name != "path"
+               and f.default is MISSING and f.default_factory is MISSING]
+    if missing:
+        raise SlmforgeError(f"{file}:{getattr(m, 'line', '?')}: missing field '{prefix}{missing[0]}'")
+    return cls(**kwargs)
+
+
+def find_recipe(name_or_path: str | Path) -> Path:
+    """A recipe file: a path, or the name of a bundled recipe (sst2, recipes/sst2.yaml)."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    bundled = RECIPE_DIR / f"{p.name.removesuffix('.yaml')}.yaml"
+    if bundled.is_file():
+        return bundled
+    names = ", ".join(sorted(f.stem for f in RECIPE_DIR.glob("*.yaml")))
+    raise SlmforgeError(f"{name_or_path}: no such recipe file (bundled recipes: {names})")
+
+
+def load_recipe(name_or_path: str | Path) -> Recipe:
+    """Read and check a recipe; any problem is one error naming file:line and the field."""
+    from slmforge.config import PRESET_NAMES
+    from slmforge.evaluate.task_data import LOADERS
+    from slmforge.evaluate.tasks import TASKS as EVAL_TASKS
+    from slmforge.infer.predict import MODES
+    from slmforge.train.finetune import HEADS
+    from slmforge.train.finetune import MODES as FT_MODES
+    from slmforge.train.finetune import TASKS as FT_TASKS
+
+    path = find_recipe(name_or_path)
+    try:
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_LineLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise SlmforgeError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', None) or e})") from None
+    if not isinstance(raw, dict):
+        raise SlmforgeError(f"{path}:1: a recipe is a mapping (name, data, variants, predict, eval, ...)")
+    recipe = _build(Recipe, raw, f"{path}:{getattr(raw, 'line', 1)}")
+    recipe.path = str(path)
+
+    def line(m, key: str) -> str:
+        return f"{path}:{getattr(m, 'lines', {}).get(key, getattr(m, 'line', 1))}"
+
+    def check(ok: bool, m, key: str, msg: str) -> None:
+        if not ok:
+            raise SlmforgeError(f"{line(m, key)}: field '{key}': {msg}")
+
+    check(recipe.data.loader in (*LOADERS, "support_chat"), raw["data"], "loader",
+          f"unknown loader {recipe.data.loader!r} (one of {', '.join((*LOADERS, 'support_chat'))})")
+    check(recipe.predict.mode in MODES, raw["predict"], "mode", f"one of {', '.join(MODES)}")
+    check(recipe.eval.task in EVAL_TASKS, raw["eval"], "task", f"one of {', '.join(EVAL_TASKS)}")
+    if recipe.model:
+        check(recipe.model.preset.lower() in PRESET_NAMES, raw["model"], "preset",
+              f"unknown preset (one of {', '.join(PRESET_NAMES)})")
+    check(bool(recipe.variants), raw, "variants", "needs at least one variant")
+    seen: set[str] = set()
+    for v, m in zip(recipe.variants, raw["variants"], strict=True):
+        check(v.name not in seen, m, "name", f"duplicate variant name {v.name!r}")
+        if v.init.startswith("variant:"):
+            check(v.init.split(":", 1)[1] in seen, m, "init", f"{v.init!r}: no earlier variant of that name")
+        else:
+            check(v.init in INITS, m, "init", "scratch, pretrained or variant:<name>")
+            check(recipe.model is not None, m, "init", f"{v.init!r} needs a 'model' section")
+            check(v.init != "pretrained" or recipe.pretrain is not None, m, "init",
+                  "'pretrained' needs a 'pretrain' section")
+        if v.finetune:
+            fm = m["finetune"]
+            check(v.finetune.task in FT_TASKS, fm, "task", f"one of {', '.join(FT_TASKS)}")
+            check(v.finetune.mode in FT_MODES, fm, "mode", f"one of {', '.join(FT_MODES)}")
+            check(v.finetune.head in HEADS, fm, "head", f"one of {', '.join(HEADS)}")
+            check(v.finetune.minutes > 0 and v.finetune.epochs > 0, fm, "minutes", "minutes and epochs must be > 0")
+        seen.add(v.name)
+    if recipe.pretrain:
+        check(recipe.model is not None, raw, "pretrain", "needs a 'model' section")
+        check(recipe.pretrain.minutes > 0, raw["pretrain"], "minutes", "must be > 0")
+    for extra in recipe.extras:
+        check(extra in ("hdfs_parse",), raw, "extras", f"unknown extra {extra!r} (hdfs_parse)")
+    return recipe
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stages
+
+
+def _stage(name: str, done: bool) -> bool:
+    console.print(f"[dim]· {name}: done, skipping[/dim]" if done else f"[bold]· {name}[/bold]")
+    return not done
+
+
+def resolve_data_dir(data_dir: str | Path | None) -> Path:
+    p = Path(data_dir) if data_dir else DEFAULT_DATA
+    if not p.is_dir():
+        raise SlmforgeError(f"{p}: data folder not found (the folder of shared/data/SOURCES.md); pass --data DIR")
+    return p
+
+
+def record_text(rec: dict) -> str:
+    """The text of a task row, for in-domain pretraining: the input and, for generation, the answer."""
+    if isinstance(rec.get("text"), str):
+        return rec["text"]
+    if isinstance(rec.get("prompt"), str):
+        return rec["prompt"] + str(rec.get("completion") or "")
+    if isinstance(rec.get("messages"), list):
+        return "\n".join(str(m.get("content", "")) for m in rec["messages"] if isinstance(m, dict))
+    return ""
+
+
+def _probe_seconds(model, loss_fn, batch, precision: str, n: int = 10) -> float:
+    """Median seconds of a training step (forward, backward, AdamW) on this batch, after warm-up steps."""
+    import torch
+
+    from slmforge.train.loop import keep_freed_memory
+
+    keep_freed_memory()  # as train() does on CPU; without it the probe overestimates step time
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-9)
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = loss_fn(model, batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times[4:])
+
+
+def _plan(path: Path, make) -> dict:
+    """The step plan of a training stage: made once, then read back (a resumed run keeps its schedule)."""
+    if path.is_file():
+        return read_json(path)
+    plan = make()
+    write_json(path, plan)
+    return plan
+
+
+def _steps_for(minutes: float, step_s: float, cap: float, max_steps: int | None) -> int:
+    by_time = minutes * 60 / (step_s * 1.1)  # + logging, checkpoints
+    return max(1, int(min(by_time, cap, max_steps or math.inf)))
+
+
+def _train_tokenizer(texts: list[str], vocab_size: int, out: Path) -> None:
+    from slmforge.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(texts, vocab_size)
+    staging = out.with_name(f".{out.name}.staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    tok.save(staging)
+    swap_dir_into_place(staging, out)
+
+
+def _pretrain(recipe: Recipe, run: Path, data: Path, scale: float) -> dict:
+    """Corpus from the task's training text -> packed tokens -> pretrain (budgeted)."""
+    import torch
+
+    from slmforge.config import preset
+    from slmforge.data.pack import pack_tokens, read_index
+    from slmforge.model import LlamaModel
+    from slmforge.tokenizer import Tokenizer
+    from slmforge.train.loop import TrainConfig
+    from slmforge.train.pretrain import pretrain
+
+    spec, mspec = recipe.pretrain, recipe.model
+    corpus, packed, out = run / "pretrain_corpus.jsonl", run / "packed", run / "pretrain"
+    tok = Tokenizer.from_dir(run / "tokenizer")
+    if _stage("pack the pretraining corpus", (packed / "index.json").is_file()):
+        pack_tokens([corpus], tok, packed, val_fraction=0.02, seed=recipe.seed, progress=False)
+    index = read_index(packed)
+    cfg = preset(mspec.preset, vocab_size=tok.vocab_size, max_position_embeddings=mspec.context, **mspec.overrides)
+    seq_len = min(spec.seq_len, mspec.context)
+
+    def make_plan() -> dict:
+        model = LlamaModel(cfg)
+        x = torch.randint(0, tok.vocab_size, (spec.batch_size, seq_len + 1))
+        step_s = _probe_seconds(model, lambda m, b: m(b[:, :-1], b[:, 1:])[1], x, spec.precision)
+        cap = spec.max_epochs * index["splits"]["train"]["tokens"] / (spec.batch_size * seq_len)
+        steps = _steps_for(spec.minutes * scale, step_s, cap, spec.max_steps)
+        return {"max_steps": steps, "probe_step_s": round(step_s, 4), "minutes": spec.minutes * scale}
+
+    plan = _plan(run / "pretrain_plan.json", make_plan)
+    steps = plan["max_steps"]
+    if _stage(f"pretrain {cfg.n_params / 1e6:.2f}M params for {steps} steps "
+              f"({steps * spec.batch_size * seq_len / 1e6:.1f}M tokens, corpus "
+              f"{index['splits']['train']['tokens'] / 1e6:.2f}M)", (out / "model" / "model.safetensors").is_file()):
+        tcfg = TrainConfig(max_steps=steps, batch_size=spec.batch_size, seq_len=seq_len, lr=spec.lr,
+                           min_lr=spec.lr / 10, warmup_steps=max(steps // 20, 1), weight_decay=spec.weight_decay,
+                           precision=spec.precision, eval_every=max(steps // 5, 1), eval_batches=10,
+                           ckpt_every=max(steps // 5, 1), seed=recipe.seed, log_every=max(1, min(50, steps // 10)))
+        pretrain(packed, out, cfg, tok, tcfg)
+    meta = read_json(out / "model" / "slmforge.json")
+    return {"params": cfg.n_params, "steps": steps, "corpus_tokens": index["splits"]["train"]["tokens"],
+            "corpus_documents": index["splits"]["train"]["documents"], **meta.get("metrics", {})}
+
+
+def _scratch_model(recipe: Recipe, run: Path) -> Path:
+    from slmforge.config import preset
+    from slmforge.model import LlamaModel
+    from slmforge.modeldir import save_model_dir
+    from slmforge.tokenizer import Tokenizer
+
+    out = run / "scratch" / "model"
+    if not (out / "model.safetensors").is_file():
+        tok = Tokenizer.from_dir(run / "tokenizer")
+        m = recipe.model
+        model = LlamaModel(preset(m.preset, vocab_size=tok.vocab_size, max_position_embeddings=m.context,
+                                  **m.overrides))
+        model.reset_parameters(seed=recipe.seed)
+        save_model_dir(out, model, tok, {"stage": "init", "init": "random", "seed": recipe.seed})
+    return out
+
+
+def _finetune(recipe: Recipe, v: VariantSpec, init: Path, data: Path, out: Path, scale: float) -> dict:
+    import numpy as np
+
+    from slmforge.modeldir import ModelDir
+    from slmforge.train import finetune as ft
+    from slmforge.train.loop import TrainConfig
+
+    s = v.finetune
+    train_path = data / s.train
+    val_path = data / s.val if s.val else (data / "val.jsonl" if (data / "val.jsonl").is_file() else None)
+    if s.val and not val_path.is_file():
+        raise SlmforgeError(f"{recipe.path}: variant {v.name}: val file {val_path} not found")
+    md = ModelDir.open(init)
+    seq_len = min(s.seq_len, md.config.max_position_embeddings - 1)
+    cfg = ft.FinetuneConfig(task=s.task, mode=s.mode, head=s.head, labels=s.labels, lora_r=s.lora_r,
+                            lora_alpha=s.lora_alpha, lora_targets=s.lora_targets,
+                            val_fraction=0.0 if val_path else s.val_fraction, merge=s.mode == "lora")
+
+    def make_plan() -> dict:
+        import torch
+
+        recs = ft.read_records(train_path)
+        n_train = len(recs) * (1 if val_path else 1 - s.val_fraction)
+        tok = md.load_tokenizer()
+        labels = ft.label_set(recs, s.labels) if s.task == "classify" else None
+        rng = np.random.default_rng(recipe.seed)
+        sample = [recs[i] for i in rng.choice(len(recs), min(len(recs), s.batch_size), replace=False)]
+        batch = ft.collate(ft.encode_records(sample, tok, cfg, seq_len, labels), ft.pad_id_of(tok),
+                           cfg.classifier_head)
+        torch.manual_seed(recipe.seed)
+        lm = md.load_model().train()
+        if s.mode == "lora":
+            lm = ft.apply_lora(lm, s.lora_r, s.lora_alpha, 0.0, s.lora_targets)
+        model = ft.SequenceClassifier(lm, len(labels)) if cfg.classifier_head else lm
+        step_s = _probe_seconds(model, ft.classifier_loss if cfg.classifier_head else ft.lm_loss, batch,
+                                s.precision)
+        steps = _steps_for(s.minutes * scale, step_s * 1.15,  # + evaluations on val
+                           s.epochs * n_train / s.batch_size, s.max_steps)
+        return {"max_steps": steps, "probe_step_s": round(step_s, 4), "minutes": s.minutes * scale,
+                "epochs": round(steps * s.batch_size / max(n_train, 1), 2)}
+
+    plan = _plan(out / "plan.json", make_plan)
+    steps = plan["max_steps"]
+    best = ("val_accuracy", "max") if s.task == "classify" else ("val_loss", "min")
+    tcfg = TrainConfig(max_steps=steps, batch_size=s.batch_size, seq_len=seq_len, lr=s.lr, min_lr=s.lr / 10,
+                       warmup_steps=max(steps // 20, 1), weight_decay=s.weight_decay, precision=s.precision,
+                       eval_every=min(s.eval_every, steps), ckpt_every=min(max(s.eval_every, 50), steps),
+                       patience=s.patience, best_metric=best[0], best_mode=best[1], seed=recipe.seed,
+                       log_every=max(1, min(25, steps // 10)))
+    summary = ft.finetune(init, train_path, out, cfg, tcfg, val_path=val_path)
+    return summary
+
+
+def _variant_row(recipe: Recipe, v: VariantSpec, vdir: Path, pre: dict | None, rows: dict) -> dict:
+    """One line of the comparison: what was trained, how big, how long, how good."""
+    metrics = read_json(vdir / "metrics.json")
+    ftj = read_json(vdir / "finetune.json") if (vdir / "finetune.json").is_file() else None
+    init_cost = 0.0
+    if v.init == "pretrained" and pre:
+        init_cost = pre.get("train_time_s") or 0.0
+    elif v.init.startswith("variant:"):
+        init_cost = rows[v.init.split(":", 1)[1]]["total_train_s"]
+    row = {"variant": v.name, "init": v.init, "note": v.note,
+           "mode": v.finetune.mode if v.finetune else "-",
+           "head": v.finetune.head if v.finetune and v.finetune.task == "classify" else "-"}
+    if ftj:
+        m = ftj["metrics"]
+        row |= {"params": m["total_params"], "trainable_params": m["trainable_params"],
+                "finetune_s": m["train_time_s"], "steps": m["steps"], "best_step": m["best_step"],
+                "val_loss": m.get("val_loss"), "val_accuracy": m.get("val_accuracy")}
+    else:
+        from slmforge.modeldir import ModelDir
+
+        n = ModelDir.open(vdir / "model").config.n_params if (vdir / "model").exists() else None
+        row |= {"params": n, "trainable_params": 0, "finetune_s": 0.0, "steps": 0}
+    row["total_train_s"] = round(init_cost + row["finetune_s"], 1)
+    row["metric"] = metrics.get(recipe.eval.metric)
+    row["metrics"] = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return row
+
+
+def _copy_dir(src: Path, out: Path) -> None:
+    staging = out.with_name(f".{out.name}.staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(src, staging)
+    swap_dir_into_place(staging, out)
+
+
+def _hdfs_parse(data_dir: Path, best_model: Path, recipe: Recipe, run: Path) -> dict:
+    """Raw HDFS lines -> event templates (agreement with loghub's parse), and the sessions of those raw
+    lines scored by the best model (no labels exist for them: the share flagged is reported)."""
+    from slmforge.evaluate.task_data import hdfs_parse_agreement, hdfs_sessions_from_log
+    from slmforge.infer.predict import deeplog_scores
+
+    agreement = hdfs_parse_agreement(data_dir)
+    folder = data_dir / "loghub" / "HDFS"
+    sessions = hdfs_sessions_from_log(folder / "HDFS_2k.log", folder / "HDFS_templates.csv")
+    scored = deeplog_scores(best_model, list(sessions.values()), recipe.predict.top_g)
+    rows = [json.dumps({"id": b, "events": ev, "prediction": "anomalous" if s["anomalous"] else "normal"})
+            for (b, ev), s in zip(sessions.items(), scored, strict=True)]
+    atomic_write_text(run / "raw_log_predictions.jsonl", "".join(r + "\n" for r in rows))
+    flagged = sum(s["anomalous"] for s in scored)
+    return {"parse": {k: v for k, v in agreement.items() if k != "disagreements"},
+            "raw_log_sessions": len(scored), "raw_log_flagged_anomalous": flagged,
+            "raw_log_flagged_pct": 100.0 * flagged / max(len(scored), 1)}
+
+
+def run_recipe(recipe_path: str | Path, out: str | Path | None = None, data_dir: str | Path | None = None,
+               minutes_scale: float = 1.0, variants: list[str] | None = None) -> dict:
+    """Run (or resume) a recipe; returns the report (also out/report.json and out/report.md)."""
+    from slmforge.evaluate.task_data import prepare
+    from slmforge.evaluate.tasks import evaluate_predictions
+    from slmforge.infer.predict import predict_file
+
+    recipe = load_recipe(recipe_path)
+    if minutes_scale <= 0:
+        raise SlmforgeError(f"minutes scale must be > 0, got {minutes_scale}")
+    run = Path(out) if out else Path("runs") / recipe.name
+    run.mkdir(parents=True, exist_ok=True)
+    data = run / "data"
+    timings: dict[str, float] = {}
+    t_start = time.time()
+    chosen = [v for v in recipe.variants if not variants or v.name in variants]
+    if variants:
+        unknown = sorted(set(variants) - {v.name for v in recipe.variants})
+        if unknown:
+            raise SlmforgeError(f"{recipe.path}: no variant {unknown[0]!r}")
+
+    t = time.time()
+    if _stage(f"task data ({recipe.data.loader})", (run / "data.json").is_file()):
+        if recipe.data.loader == "support_chat":
+            from slmforge.data.supportgen import prepare_support_chat
+
+            stats = prepare_support_chat(data, seed=recipe.seed, **recipe.data.options)
+        else:
+            stats = prepare(recipe.data.loader, resolve_data_dir(data_dir), data, recipe.seed, **recipe.data.options)
+        write_json(run / "data.json", stats)
+    data_stats = read_json(run / "data.json")
+    test_path = data / recipe.data.test
+    if not test_path.is_file():
+        raise SlmforgeError(f"{recipe.path}: field 'data.test': {test_path} was not written by the loader")
+    timings["data_s"] = time.time() - t
+
+    pre = None
+    if recipe.model:
+        t = time.time()
+        if _stage(f"in-domain tokenizer ({recipe.model.vocab_size} tokens)", (run / "tokenizer" / "tokenizer.json").is_file()):
+            files = recipe.pretrain.text_from if recipe.pretrain else ["train.jsonl"]
+            texts = [record_text(rec) for f in files for _, rec in _records(data / f)]
+            write_json(run / "pretrain_corpus.jsonl.meta", {"files": files, "documents": len(texts)})
+            atomic_write_text(run / "pretrain_corpus.jsonl",
+                              "".join(json.dumps({"text": x}, ensure_ascii=False) + "\n" for x in texts if x))
+            _train_tokenizer(texts, recipe.model.vocab_size, run / "tokenizer")
+        timings["tokenizer_s"] = time.time() - t
+        if recipe.pretrain:
+            t = time.time()
+            pre = _pretrain(recipe, run, data, minutes_scale)
+            timings["pretrain_s"] = time.time() - t
+
+    rows: dict[str, dict] = {}
+    for v in chosen:
+        vdir = run / "variants" / v.name
+        vdir.mkdir(parents=True, exist_ok=True)
+        if v.init == "scratch":
+            init = _scratch_model(recipe, run)
+        elif v.init == "pretrained":
+            init = run / "pretrain" / "model"
+        else:
+            init = run / "variants" / v.init.split(":", 1)[1] / "model"
+            if not (init / "model.safetensors").is_file():
+                raise SlmforgeError(f"{recipe.path}: variant {v.name} starts from {v.init}, which has not run "
+                                    f"(run it too)")
+        t = time.time()
+        if v.finetune is None:
+            if not (vdir / "model").exists():
+                _copy_dir(init, vdir / "model")
+        elif _stage(f"{v.name}: fine-tune ({v.finetune.mode}, from {v.init})", (vdir / "finetune.json").is_file()):
+            _finetune(recipe, v, init, data, vdir, minutes_scale)
+        timings[f"{v.name}.finetune_s"] = time.time() - t
+
+        t = time.time()
+        p = recipe.predict
+        if _stage(f"{v.name}: predict {recipe.data.test}", (vdir / "predictions.jsonl").is_file()):
+            stats = predict_file(vdir / "model", p.mode, test_path, vdir / "predictions.jsonl",
+                                 labels=p.labels, max_tokens=p.max_tokens, stop=p.stop, batch_size=p.batch_size,
+                                 top_g=p.top_g, limit=p.limit, progress=console.is_terminal)
+            write_json(vdir / "predict.json", stats)
+        timings[f"{v.name}.predict_s"] = time.time() - t
+        if _stage(f"{v.name}: evaluate", (vdir / "metrics.json").is_file()):
+            e = recipe.eval
+            metrics = evaluate_predictions(e.task, vdir / "predictions.jsonl", labels=e.labels or p.labels,
+                                           positive=e.positive, ks=e.ks, tokenize=e.tokenize)
+            write_json(vdir / "metrics.json", metrics)
+        rows[v.name] = _variant_row(recipe, v, vdir, pre, rows)
+        rows[v.name]["predict_s"] = read_json(vdir / "predict.json")["seconds"] \
+            if (vdir / "predict.json").is_file() else None
+        console.print(f"  {v.name}: {recipe.eval.metric} = {rows[v.name]['metric']}")
+
+    best = max(rows.values(), key=lambda r: r["metric"] if r["metric"] is not None else -math.inf)
+    _copy_dir(run / "variants" / best["variant"] / "model", run / "model")
+    extras = {}
+    if "hdfs_parse" in recipe.extras:
+        extras["hdfs_parse"] = _hdfs_parse(resolve_data_dir(data_dir), run / "model", recipe, run)
+
+    report = {"recipe": recipe.name, "description": recipe.description, "recipe_file": recipe.path,
+              "metric": recipe.eval.metric, "best_variant": best["variant"], "model_dir": str(run / "model"),
+              "data": {"loader": recipe.data.loader, "options": recipe.data.options,
+                       "counts": data_stats.get("counts") or {k: v.get("counts") for k, v in data_stats.items()
+                                                              if isinstance(v, dict)}},
+              "test_file": str(test_path), "pretrain": pre, "variants": list(rows.values()),
+              "extras": extras, "minutes_scale": minutes_scale,
+              "timings_s": {k: round(x, 1) for k, x in timings.items()},
+              "wall_time_s": round(time.time() - t_start, 1),
+              "recipe_config": asdict(recipe)}
+    write_json(run / "report.json", report)
+    atomic_write_text(run / "report.md", report_markdown(report))
+    console.print(f"best: {best['variant']} ({recipe.eval.metric} {best['metric']:.2f}) · model: {run / 'model'} · "
+                  f"report: {run / 'report.md'}")
+    return report
+
+
+def _records(path: Path):
+    from slmforge.train.finetune import read_records
+
+    return read_records(path)
+
+
+def _fmt(x) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.2f}" if abs(x) < 1e4 else f"{x:,.0f}"
+    if isinstance(x, int):
+        return f"{x:,}"
+    return str(x)
+
+
+def report_markdown(r: dict) -> str:
+    """The report as Markdown: data, pretraining, the variant comparison, extras."""
+    lines = [f"# {r['recipe']}: recipe report", "", r["description"].strip(), "",
+             f"Data: `{r['data']['loader']}` {json.dumps(r['data']['counts'])}; evaluated on `{r['test_file']}`.", ""]
+    pre = r.get("pretrain")
+    if pre:
+        lines += [f"Pretraining on the task's own training text: {_fmt(pre['params'])} params, {pre['steps']} steps, "
+                  f"corpus {_fmt(pre['corpus_tokens'])} tokens ({_fmt(pre['corpus_documents'])} documents), "
+                  f"val loss {_fmt(pre.get('val_loss'))}, {_fmt(pre.get('train_time_s'))} s.", ""]
+    m = r["metric"]
+    lines += [f"| variant | init | mode | head | params | trainable | fine-tune s | total train s | steps | {m} |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for v in r["variants"]:
+        lines.append(f"| {v['variant']} | {v['init']} | {v['mode']} | {v['head']} | {_fmt(v['params'])} | "
+                     f"{_fmt(v['trainable_params'])} | {_fmt(v['finetune_s'])} | {_fmt(v['total_train_s'])} | "
+                     f"{_fmt(v['steps'])} | {_fmt(v['metric'])} |")
+    keys = sorted({k for v in r["variants"] for k in v["metrics"]} - {"n"})
+    lines += ["", f"Best: **{r['best_variant']}** (copied to `{r['model_dir']}`).", "", "All metrics:", "",
+              "| variant | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    for v in r["variants"]:
+        lines.append(f"| {v['variant']} | " + " | ".join(_fmt(v["metrics"].get(k)) for k in keys) + " |")
+    for name, extra in r.get("extras", {}).items():
+        lines += ["", f"## {name}", "", "```json", json.dumps(extra, indent=2), "```"]
+    lines += ["", "Stage times (s): " + ", ".join(f"{k} {v}" for k, v in r["timings_s"].items()),
+              f"; wall {r['wall_time_s']} s (minutes scale {r['minutes_scale']}).", ""]
+    return "\n".join(lines)

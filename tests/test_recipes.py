@@ -1,0 +1,136 @@
+"""Task recipes (`slmforge run`): a miniature recipe end to end on a handful of rows, resuming by skipping
+done stages, the report, and one-line errors (file:line) for bad recipes and missing data."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+
+from slmforge.errors import SlmforgeError
+from slmforge.recipes import find_recipe, load_recipe, run_recipe
+
+TINY_MODEL = ("model: {preset: 200k, vocab_size: 300, context: 64,\n"
+              "        overrides: {num_hidden_layers: 1, hidden_size: 32, intermediate_size: 64}}\n")
+
+
+def _sst2_like(root, n=60, seed=0):
+    """A miniature shared-data folder in the SST-2 layout: sst2/train.tsv with a header."""
+    rng = random.Random(seed)
+    good, bad = ["great", "lovely", "fine", "moving"], ["awful", "dull", "boring", "bad"]
+    lines = ["text\tlabel"]
+    for i in range(n):
+        pos = i % 2 == 0
+        lines.append(f"a {rng.choice(good if pos else bad)} film number {i}\t{int(pos)}")
+    (root / "sst2").mkdir(parents=True)
+    (root / "sst2" / "train.tsv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def _recipe(tmp_path, text):
+    path = tmp_path / "mini.yaml"
+    path.write_text(text)
+    return path
+
+
+MINI_SST2 = f"""name: mini-sst2
+description: a miniature sst2 recipe for tests
+data: {{loader: sst2, options: {{n_test: 10}}}}
+{TINY_MODEL}pretrain: {{minutes: 0.05, max_steps: 3, batch_size: 4, seq_len: 32}}
+variants:
+  - name: scratch
+    init: scratch
+    finetune: {{task: classify, head: classifier, max_steps: 3, batch_size: 8, seq_len: 32, eval_every: 2}}
+  - name: pretrained-lora
+    init: pretrained
+    finetune: {{task: classify, head: classifier, mode: lora, max_steps: 2, batch_size: 8, seq_len: 32}}
+  - name: pretrained-as-is
+    init: variant:pretrained-lora
+predict: {{mode: classify}}
+eval: {{task: classification, metric: accuracy}}
+"""
+
+
+def test_mini_recipe_end_to_end_and_resume(tmp_path):
+    data = _sst2_like(tmp_path / "shared")
+    recipe, out = _recipe(tmp_path, MINI_SST2), tmp_path / "run"
+    report = run_recipe(recipe, out, data)
+    assert [v["variant"] for v in report["variants"]] == ["scratch", "pretrained-lora", "pretrained-as-is"]
+    lora = report["variants"][1]
+    assert 0 < lora["trainable_params"] < lora["params"] and lora["steps"] == 2
+    assert all(0 <= v["metric"] <= 100 and v["metrics"]["n"] == 10 for v in report["variants"])
+    assert report["pretrain"]["steps"] == 3 and report["data"]["counts"] == {"train": 50, "test": 10}
+    assert (out / "model" / "model.safetensors").is_file() and (out / "model" / "classifier_head.safetensors").is_file()
+    md = (out / "report.md").read_text()
+    assert "| scratch | scratch | full | classifier |" in md and "accuracy" in md
+    assert json.loads((out / "report.json").read_text())["best_variant"] == report["best_variant"]
+
+    # A second run skips every done stage: nothing is trained or predicted again.
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.name in ("predictions.jsonl", "model.safetensors",
+                                                                          "finetune.json", "metrics.json")}
+    stamps = {p: t for p, t in stamps.items() if out / "model" not in p.parents}
+    again = run_recipe(recipe, out, data)
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+    assert [v["metric"] for v in again["variants"]] == [v["metric"] for v in report["variants"]]
+
+
+def test_mini_generate_recipe_with_generated_support_chat(tmp_path):
+    recipe = _recipe(tmp_path, f"""name: mini-chat
+data: {{loader: support_chat, options: {{n: 24, n_test: 3}}}}
+{TINY_MODEL}variants:
+  - name: scratch
+    init: scratch
+    finetune: {{task: chat, max_steps: 2, batch_size: 4, seq_len: 48, val_fraction: 0.2}}
+predict: {{mode: generate, max_tokens: 6, batch_size: 2}}
+eval: {{task: summarization, metric: rougeL}}
+""")
+    report = run_recipe(recipe, tmp_path / "run", tmp_path / "no-data-needed")
+    assert report["variants"][0]["metrics"]["n"] == 3 and report["pretrain"] is None
+    rows = [json.loads(x) for x in (tmp_path / "run/variants/scratch/predictions.jsonl").read_text().splitlines()]
+    assert all(r["completion"] and isinstance(r["prediction"], str) for r in rows)  # the reference turn
+
+
+@pytest.mark.parametrize("text, message", [
+    ("name: x\ndata: {loader: sst2\n", r"mini.yaml:\d: invalid YAML"),
+    ("name: x\ndata: {loader: sst2}\nvariants: []\npredict: {mode: classify}\neval: {task: classification,"
+     " metric: accuracy}\nbogus: 1\n", r"mini.yaml:6: unknown field 'bogus'"),
+    ("name: x\ndata: {loader: sst2}\nvariants:\n  - name: a\n    init: scratch\n    finetune: {minutes: fast}\n"
+     "predict: {mode: classify}\neval: {task: classification, metric: accuracy}\n",
+     r"mini.yaml:6: field 'variants\[0\].finetune.minutes' must be a number, got str"),
+    ("name: x\ndata: {loader: nope}\nvariants: [{name: a, init: scratch}]\npredict: {mode: classify}\n"
+     "eval: {task: classification, metric: accuracy}\n", r"mini.yaml:2: field 'loader': unknown loader 'nope'"),
+    ("name: x\ndata: {loader: sst2}\n" + TINY_MODEL + "variants:\n  - {name: a, init: scratch}\n"
+     "  - {name: b, init: 'variant:zzz'}\npredict: {mode: classify}\neval: {task: classification, metric: accuracy}\n",
+     r"mini.yaml:7: field 'init': 'variant:zzz': no earlier variant"),
+    ("name: x\nvariants: [{name: a}]\npredict: {mode: classify}\neval: {task: classification, metric: a}\n",
+     r"mini.yaml:1: missing field 'data'"),
+])
+def test_bad_recipe_is_one_error_with_file_and_line(tmp_path, text, message):
+    with pytest.raises(SlmforgeError, match=message):
+        load_recipe(_recipe(tmp_path, text))
+
+
+def test_bundled_recipes_load_and_bad_data_is_reported(tmp_path):
+    for name in ("sst2", "multi30k", "wmt-biomed", "pubmedqa", "hdfs-logs", "inspec", "dialogsum", "support-chat"):
+        assert load_recipe(name).name == name
+    assert find_recipe("recipes/sst2.yaml").name == "sst2.yaml"
+    with pytest.raises(SlmforgeError, match="no such recipe"):
+        find_recipe("nope")
+    with pytest.raises(SlmforgeError, match="data folder not found"):
+        run_recipe(_recipe(tmp_path, MINI_SST2), tmp_path / "run", tmp_path / "absent")
+    broken = tmp_path / "shared" / "sst2"
+    broken.mkdir(parents=True)
+    (broken / "train.tsv").write_text("text\tlabel\nfine film\t1\nno label here\n")
+    with pytest.raises(SlmforgeError, match=r"train.tsv:3: expected 'text<TAB>0\|1'"):
+        run_recipe(_recipe(tmp_path, MINI_SST2), tmp_path / "run", tmp_path / "shared")
+
+
+def test_cli_run_bad_recipe_is_one_line(tmp_path):
+    path = _recipe(tmp_path, "name: x\ndata: {loader: sst2}\nvariants: 3\n")
+    r = subprocess.run([sys.executable, "-m", "slmforge", "run", str(path)], capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "mini.yaml:3" in lines[0]
