@@ -9,15 +9,16 @@ a 16-token prompt, single stream, with no stop token so every run makes exactly 
   transformers `AutoModelForCausalLM.from_pretrained(dir).generate(..., do_sample=False,
                min_new_tokens=N, max_new_tokens=N)`, its default dynamic KV cache
   batched      the engine with `--batch` requests decoding together: total tokens/s (the server's case)
+  llama.cpp    (when llama-cpp-python is installed: benchmarks/setup_llama_cpp.sh) the same weights exported
+               by `slmforge export gguf --type f32`, same prompt, same thread count, greedy, timed the same
+               way: single stream, and the `--batch` requests decoded together through llama.cpp's batch
+               API (benchmarks/llama_cpp_bench.py); fp32 rows only (the GGUF holds the fp32 weights)
 
 tokens/s = new tokens / wall time of the whole call (prefill of 16 tokens included), best of `--repeats`.
-Both produce the same greedy tokens in fp32 (checked, reported as `same_tokens`).
+All produce the same greedy tokens in fp32 (checked, reported as `same_tokens`, `llama_cpp_same_tokens`).
 
     python benchmarks/decode_speed.py                       # 2 threads, fp32 and bf16
     python benchmarks/decode_speed.py --threads 1 --dtypes float32
-
-llama.cpp (issue #5, item 3) needs a GGUF export first; `llama_cpp_tokens_per_s` is the hook that will
-run `llama-bench` on the exported file, and reports nothing until then.
 
 Results go to benchmarks/results/decode_speed.json (gitignored). Other processes' share of the machine
 while each row was timed is recorded as other_load_pct; distrust rows where it is high.
@@ -32,12 +33,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import llama_cpp_bench  # benchmarks/ is on sys.path when run as a script
 import torch
 from rich.console import Console
 from rich.table import Table
-from train_throughput import LoadMeter  # benchmarks/ is on sys.path when run as a script
+from train_throughput import LoadMeter
 
 from slmforge.config import preset
+from slmforge.export.gguf import export_gguf
 from slmforge.infer.engine import BatchEngine, Request, SamplingParams, generate_ids, run
 from slmforge.model import LlamaModel
 from slmforge.modeldir import ModelDir, save_model_dir
@@ -71,9 +74,16 @@ def best_time(fn, repeats: int) -> tuple[float, object]:
     return best, out
 
 
-def llama_cpp_tokens_per_s(model_dir: Path, n_new: int, threads: int) -> float | None:
-    """Hook for the llama.cpp comparison: needs a GGUF export of model_dir (not there yet)."""
-    return None
+def llama_cpp_rows(path: Path, prompt: list[int], batch_prompts: list[list[int]], n_new: int, threads: int,
+                   repeats: int, ours: list[int], ours_batched: list[list[int]]) -> dict:
+    """llama.cpp on an f32 GGUF export of the same model directory: single stream and batched."""
+    if not llama_cpp_bench.available():
+        return {"llama_cpp_tokens_per_s": None}
+    gguf = export_gguf(path, path.parent / f"{path.name}-f32.gguf", "f32")
+    single, (toks,) = llama_cpp_bench.tokens_per_s(gguf, [prompt], n_new, threads, repeats)
+    batched, toks_b = llama_cpp_bench.tokens_per_s(gguf, batch_prompts, n_new, threads, max(1, repeats - 1))
+    return {"llama_cpp_tokens_per_s": single, "llama_cpp_same_tokens": toks == ours,
+            "llama_cpp_batched_tokens_per_s": batched, "llama_cpp_batched_same_tokens": toks_b == ours_batched}
 
 
 def bench_one(label: str, path: Path, dtype: str, n_new: int, batch: int, repeats: int, threads: int) -> dict:
@@ -94,24 +104,32 @@ def bench_one(label: str, path: Path, dtype: str, n_new: int, batch: int, repeat
                               pad_token_id=0)
         return out[0, len(prompt):].tolist()
 
+    batch_prompts = [prompt[:8 + i % 8] for i in range(batch)]
+
     def run_batched():
         engine = BatchEngine(ours, max_batch=batch)
-        reqs = [engine.add(Request(prompt[:8 + i % 8], greedy)) for i in range(batch)]
+        reqs = [engine.add(Request(p, greedy)) for p in batch_prompts]
         list(run(engine))
-        return sum(len(r.output_ids) for r in reqs)
+        return [r.output_ids for r in reqs]
 
     run_ours(), run_hf()  # warm up
     with LoadMeter() as load:
         t_ours, toks_ours = best_time(run_ours, repeats)
         t_hf, toks_hf = best_time(run_hf, repeats)
-        t_batch, n_batch = best_time(run_batched, max(1, repeats - 1))
+        t_batch, toks_batch = best_time(run_batched, max(1, repeats - 1))
+        cpp = llama_cpp_rows(path, prompt, batch_prompts, n_new, threads, repeats, toks_ours, toks_batch) \
+            if dtype == "float32" else {"llama_cpp_tokens_per_s": None}
+    n_batch = sum(map(len, toks_batch))
+    if cpp["llama_cpp_tokens_per_s"]:
+        cpp["vs_llama_cpp"] = (n_new / t_ours) / cpp["llama_cpp_tokens_per_s"]
+        cpp["batched_vs_llama_cpp_batched"] = (n_batch / t_batch) / cpp["llama_cpp_batched_tokens_per_s"]
+        cpp["batched_vs_llama_cpp_sequential"] = (n_batch / t_batch) / cpp["llama_cpp_tokens_per_s"]
     return {"model": label, "params": md.config.n_params, "vocab": md.config.vocab_size, "dtype": dtype,
             "threads": threads, "new_tokens": n_new,
             "slmforge_tokens_per_s": n_new / t_ours, "transformers_tokens_per_s": n_new / t_hf,
             "speedup": t_hf / t_ours, "same_tokens": toks_ours == toks_hf,
             "batch": batch, "batched_tokens_per_s": n_batch / t_batch,
-            "llama_cpp_tokens_per_s": llama_cpp_tokens_per_s(path, n_new, threads),
-            "other_load_pct": load.other_pct}
+            **cpp, "other_load_pct": load.other_pct}
 
 
 def main() -> None:
@@ -136,14 +154,19 @@ def main() -> None:
                 rows.append(bench_one(label, path, dtype, args.new, args.batch, args.repeats, args.threads))
                 print(json.dumps(rows[-1]))
     table = Table(title=f"decode tokens/s, single stream, greedy, {args.new} new tokens, {args.threads} threads")
-    for col in ("model", "dtype", "slmforge", "transformers", "speedup", "same tokens",
-                f"batched ×{args.batch}", "other load"):
+    for col in ("model", "dtype", "slmforge", "transformers", "speedup", "same tokens", "llama.cpp", "vs llama.cpp",
+                f"batched ×{args.batch}", f"llama.cpp ×{args.batch}", f"vs llama.cpp ×{args.batch}", "other load"):
         table.add_column(col, justify="left" if col in ("model", "dtype") else "right")
     for r in rows:
         load = "?" if r["other_load_pct"] is None else f"{r['other_load_pct']:.0f}%"
+        cpp = r["llama_cpp_tokens_per_s"]
+        same = str(r["same_tokens"]) + ("" if not cpp else f" / {r['llama_cpp_same_tokens']}")
         table.add_row(r["model"], r["dtype"], f"{r['slmforge_tokens_per_s']:,.0f}",
-                      f"{r['transformers_tokens_per_s']:,.0f}", f"{r['speedup']:.1f}×", str(r["same_tokens"]),
-                      f"{r['batched_tokens_per_s']:,.0f}", load)
+                      f"{r['transformers_tokens_per_s']:,.0f}", f"{r['speedup']:.1f}×", same,
+                      f"{cpp:,.0f}" if cpp else "-", f"{r['vs_llama_cpp']:.2f}×" if cpp else "-",
+                      f"{r['batched_tokens_per_s']:,.0f}",
+                      f"{r['llama_cpp_batched_tokens_per_s']:,.0f}" if cpp else "-",
+                      f"{r['batched_vs_llama_cpp_batched']:.2f}×" if cpp else "-", load)
     Console(width=150).print(table)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"machine": platform.processor() or platform.machine(),

@@ -4,7 +4,7 @@
 #
 # A source build from PyPI, CPU only, tuned to this machine's CPU (-DGGML_NATIVE=ON, as a llama.cpp user
 # would build it), without the multimodal library. It is not part of `make test`: it takes a while
-# (about 19 minutes on 2 shared cores at nice 19). Settings: PYTHON, LLAMA_CPP_VERSION, NICE, CMAKE_ARGS,
+# (6 min 53 s on the 2 shared development cores at nice 19). Settings: PYTHON, LLAMA_CPP_VERSION, NICE, CMAKE_ARGS,
 # CMAKE_BUILD_PARALLEL_LEVEL.
 set -euo pipefail
 cd "$(dirname "$0")/.."

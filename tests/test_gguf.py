@@ -20,10 +20,13 @@ PROMPT = "Tom saw the cat. Lily found the red kite."
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, tiny_tokenizer):
-    torch.manual_seed(0)  # a larger init than training's: far-from-uniform logits, no greedy near-ties
+    torch.manual_seed(0)
     cfg = preset("200k", vocab_size=tiny_tokenizer.vocab_size + 5, initializer_range=0.1,  # 5 padding rows
                  tie_word_embeddings=False)
-    return save_model_dir(tmp_path_factory.mktemp("gguf") / "tiny", LlamaModel(cfg), tiny_tokenizer)
+    model = LlamaModel(cfg)
+    with torch.no_grad():  # sharp logits, as a trained model has: few near-ties for greedy decoding
+        model.lm_head.weight.mul_(8)
+    return save_model_dir(tmp_path_factory.mktemp("gguf") / "tiny", model, tiny_tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -175,13 +178,27 @@ def llama_cpp_greedy(path, prompt: str, n: int) -> tuple[list[int], list[int]]:
     return ids, out
 
 
-@pytest.mark.parametrize("qtype", ["f32", "f16"])
-def test_llama_cpp_greedy_matches_ours(model_dir, exported, tiny_tokenizer, qtype):
+def clear_prefix(model: LlamaModel, prompt: list[int], ours: list[int], margin: float) -> int:
+    """How many of our greedy tokens came with a lead over the runner-up of at least `margin` logits,
+    counting up to the first near-tie (where rounding in another runtime may rightly pick the other)."""
+    with torch.no_grad():
+        logits, _ = model(torch.tensor([prompt + ours]))
+    top2 = logits[0, len(prompt) - 1:-1].topk(2).values
+    close = ((top2[:, 0] - top2[:, 1]) < margin).nonzero()
+    return int(close[0]) if len(close) else len(ours)
+
+
+@pytest.mark.parametrize("qtype,margin", [("f32", 1e-2), ("f16", 5e-2)])
+def test_llama_cpp_greedy_matches_ours(model_dir, exported, tiny_tokenizer, qtype, margin):
     model = ModelDir.open(model_dir).load_model()
+    if qtype == "f16":  # the weights llama.cpp computes with
+        model = model.half().float()
     for prompt in (PROMPT, tiny_tokenizer.apply_chat_template([{"role": "user", "content": "Tom saw it."}])):
         ids, theirs = llama_cpp_greedy(exported[qtype], prompt.removeprefix("<s>"), 24)
         assert ids == tiny_tokenizer.encode(prompt.removeprefix("<s>"), bos=True)
-        assert theirs == list(generate_ids(model, ids, SamplingParams(max_new_tokens=24, temperature=0)))
+        ours = list(generate_ids(model, ids, SamplingParams(max_new_tokens=24, temperature=0)))
+        n = clear_prefix(model, ids, ours, margin)
+        assert n >= 12 and theirs[:n] == ours[:n], (n, theirs, ours)
 
 
 def test_llama_cpp_stories260k_matches_ours(tmp_path):
@@ -195,4 +212,7 @@ def test_llama_cpp_stories260k_matches_ours(tmp_path):
     text = "Once upon a time, there was a little girl named Lily. She loved to play outside ünïcode."
     ids, theirs = llama_cpp_greedy(export_gguf(d, tmp_path / "s.gguf", "f32"), text, 32)
     assert ids == tok.encode(text, bos=True)
-    assert theirs == list(generate_ids(md.load_model(), ids, SamplingParams(max_new_tokens=32, temperature=0)))
+    model = md.load_model()
+    ours = list(generate_ids(model, ids, SamplingParams(max_new_tokens=32, temperature=0)))
+    n = clear_prefix(model, ids, ours, 1e-2)
+    assert n >= 16 and theirs[:n] == ours[:n], (n, theirs, ours)
