@@ -20,7 +20,7 @@ import numpy as np
 def available() -> bool:
     try:
         import llama_cpp  # noqa: F401
-    except ImportError:
+    except (ImportError, OSError):  # not installed, or its shared library does not load
         return False
     return True
 

@@ -166,8 +166,16 @@ def test_cli(model_dir, tmp_path):
 # ----------------------------------------------------------------------------------- llama.cpp itself
 
 
+def need_llama_cpp():
+    try:
+        import llama_cpp
+    except (ImportError, OSError) as e:  # not installed, or its shared library does not load
+        pytest.skip(f"llama-cpp-python not usable ({e}); benchmarks/setup_llama_cpp.sh builds it")
+    return llama_cpp
+
+
 def llama_cpp_greedy(path, prompt: str, n: int) -> tuple[list[int], list[int]]:
-    llama_cpp = pytest.importorskip("llama_cpp")
+    llama_cpp = need_llama_cpp()
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=1, n_batch=64, verbose=False)
     ids = llm.tokenize(prompt.encode(), add_bos=True, special=True)
     out = []
@@ -204,7 +212,7 @@ def test_llama_cpp_greedy_matches_ours(model_dir, exported, tiny_tokenizer, qtyp
 def test_llama_cpp_stories260k_matches_ours(tmp_path):
     from slmforge.llama2c import import_llama2c
 
-    pytest.importorskip("llama_cpp")
+    need_llama_cpp()
     d = import_llama2c(shared_data("tinystories/stories260K.bin"), shared_data("tinystories/tok512.bin"),
                        tmp_path / "s260k")
     md = ModelDir.open(d)
