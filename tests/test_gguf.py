@@ -224,3 +224,29 @@ def test_llama_cpp_stories260k_matches_ours(tmp_path):
     ours = list(generate_ids(model, ids, SamplingParams(max_new_tokens=32, temperature=0)))
     n = clear_prefix(model, ids, ours, 1e-2)
     assert n >= 16 and theirs[:n] == ours[:n], (n, theirs, ours)
+
+
+@pytest.mark.parametrize("o_bias,arch", [(0.0, "qwen2"), (0.05, "llama")])
+def test_attention_bias(tmp_path, tiny_tokenizer, o_bias, arch):
+    """q/k/v bias without o bias (imported Qwen2) is llama.cpp's qwen2 (rotate-half RoPE, no permutation);
+    with an o bias it stays llama, biases permuted like the weights."""
+    torch.manual_seed(0)
+    model = LlamaModel(preset("200k", vocab_size=tiny_tokenizer.vocab_size, initializer_range=0.1,
+                              attention_bias=True))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8)
+        for layer in model.model.layers:
+            a = layer.self_attn
+            for p in (a.q_proj, a.k_proj, a.v_proj):
+                p.bias.normal_(0, 0.3)
+            a.o_proj.bias.normal_(0, o_bias) if o_bias else a.o_proj.bias.zero_()
+    d = save_model_dir(tmp_path / "m", model, tiny_tokenizer)
+    path = export_gguf(d, tmp_path / "m.gguf", "f32")
+    f, tensors = read(path)
+    assert f["general.architecture"] == arch and f[f"{arch}.attention.head_count"] == 4
+    assert "blk.0.attn_q.bias" in tensors and ("blk.0.attn_output.bias" in tensors) == (arch == "llama")
+    need_llama_cpp()
+    ids, theirs = llama_cpp_greedy(path, PROMPT, 24)
+    ours = list(generate_ids(model, ids, SamplingParams(max_new_tokens=24, temperature=0)))
+    n = clear_prefix(model, ids, ours, 1e-2)
+    assert n >= 12 and theirs[:n] == ours[:n], (n, theirs, ours)
