@@ -273,6 +273,9 @@ def serve(
     timeout: Annotated[float, typer.Option(help="Seconds a request may run.")] = 600.0,
     threads: Annotated[int | None, typer.Option(help="Torch CPU threads (default: torch's).")] = None,
     dtype: Dtype = "float32",
+    compile: Annotated[bool | None, typer.Option(
+        "--compile/--no-compile", help="torch.compile the decode step (default: on for models up to 512 wide, "
+        "where per-op overhead is a large part of a step; the first requests wait ~15 s per cache bucket).")] = None,
 ) -> None:
     """OpenAI-compatible HTTP server: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics."""
     import os
@@ -291,8 +294,14 @@ def serve(
         raise SlmforgeError(f"--dtype {dtype}: choose float32 or bfloat16")
     if threads:
         torch.set_num_threads(threads)
+    if compile is None:
+        from slmforge.modeldir import ModelDir
+        from slmforge.serve.app import parse_model_specs
+
+        widths = [ModelDir.open(p).config.hidden_size for p in parse_model_specs(list(models)).values()]
+        compile = not torch.cuda.is_available() and max(widths) <= 512
     cfg = ServerConfig(max_concurrent=max_concurrent, max_batch=max_batch, max_tokens_limit=max_tokens_limit,
-                       timeout_s=timeout, api_keys=keys)
+                       timeout_s=timeout, api_keys=keys, compile=compile)
     application = create_app(models, cfg, dtype=getattr(torch, dtype))
     typer.echo(f"serving {', '.join(application.state.workers)} on http://{host}:{port}/v1", err=True)
     uvicorn.run(application, host=host, port=port, log_level="warning")

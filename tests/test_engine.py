@@ -185,3 +185,42 @@ def test_engine_rejects_what_does_not_fit(sharp_model):
         engine.add(Request([1] * ctx, SamplingParams(max_new_tokens=1)))
     with pytest.raises(SlmforgeError, match="empty prompt"):
         engine.add(Request([], SamplingParams()))
+
+
+# ------------------------------------------------------------------------------- decode fast path
+
+from slmforge.infer.fastpath import decode_model  # noqa: E402
+
+
+def test_fast_path_matches_model_forward(sharp_model, tiny_tokenizer):
+    """The engine's default decode (an inference weight copy) gives the tokens of the model's own forward."""
+    reqs = _mixed_requests(8, tiny_tokenizer.vocab_size, seed=2)
+    outs = {}
+    for fast in (True, False):
+        engine = BatchEngine(sharp_model, max_batch=4, fast=fast)
+        rs = [engine.add(Request(ids, p)) for ids, p in reqs]
+        list(run(engine))
+        outs[fast] = [r.output_ids for r in rs]
+    assert outs[True] == outs[False]
+
+
+def test_decode_model_follows_weight_changes(tiny_tokenizer):
+    torch.manual_seed(0)
+    m = LlamaModel(preset("200k", vocab_size=tiny_tokenizer.vocab_size)).eval()
+    a = decode_model(m, 2)
+    assert decode_model(m, 2) is a  # reused across engines
+    with torch.no_grad():
+        m.lm_head.weight.mul_(2)  # a training step or load_state_dict
+    b = decode_model(m, 2)
+    assert b is not a and torch.equal(b.lm_head.wt, m.lm_head.weight.t())
+
+
+def test_compiled_step_equals_single_stream(sharp_model, tiny_tokenizer):
+    """compile=True (fixed-shape step, torch.compile): continuous batching still gives each request's
+    single-stream tokens. One kv bucket (128) and one batch size keep it to a single compile."""
+    reqs = _mixed_requests(5, tiny_tokenizer.vocab_size, seed=3)
+    single = [list(generate_ids(sharp_model, ids, p)) for ids, p in reqs]
+    engine = BatchEngine(sharp_model, max_batch=3, compile=True)
+    batched = [engine.add(Request(ids, p)) for ids, p in reqs]
+    list(run(engine))
+    assert [r.output_ids for r in batched] == single

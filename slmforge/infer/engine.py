@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from slmforge.errors import SlmforgeError
+from slmforge.infer.fastpath import decode_model
 from slmforge.infer.sampling import RowParams, SamplingParams, apply_penalty, pick, sample_next
 from slmforge.model import KVCache, LlamaModel
 from slmforge.tokenizer import Tokenizer
@@ -131,10 +132,19 @@ class BatchEngine:
     """Continuous batching over `max_batch` KV-cache slots. Not thread-safe: one thread calls add/step."""
 
     def __init__(self, model: LlamaModel, tokenizer: Tokenizer | None = None, max_batch: int = 8,
-                 max_len: int | None = None, prefill_chunk: int = 512, prefill_budget: int = 2048):
+                 max_len: int | None = None, prefill_chunk: int = 512, prefill_budget: int = 2048,
+                 fast: bool = True, compile: bool = False):
+        """fast: decode on `DecodeModel`, an inference copy of the weights laid out for one-token steps
+        (False: the training model's own forward). compile: run that step compiled by torch.compile, one
+        graph per kv-length bucket (tens of seconds the first time; pays off for small models, where eager
+        per-op overhead is most of a step)."""
         ctx = model.config.max_position_embeddings
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_len = max_batch, min(max_len or ctx, ctx)
+        self.compile = compile and fast
+        if self.compile:  # a cache of a bucket's length, so that shapes repeat across engines
+            self.max_len = min(_bucket(self.max_len), ctx)
+        self.decoder = decode_model(model, max_batch, fixed=self.compile) if fast else None
         self.prefill_chunk = prefill_chunk  # tokens per prefill forward
         self.prefill_budget = prefill_budget  # prompt tokens admitted per step (at least one request)
         device, dtype = _model_device_dtype(model)
@@ -251,14 +261,21 @@ class BatchEngine:
         lo, hi = live[0], live[-1] + 1  # free slots inside the window are computed and ignored
         kv_len = max(self.pos_py[s] for s in live) + 1
         pos = self.positions[lo:hi]
-        mask = (self.arange[:kv_len] <= pos[:, None])[:, None, None, :]
-        logits, _ = self.model(self.tokens[lo:hi, None], cache=self.cache.rows(lo, hi), pos=pos, mask=mask,
-                               last_only=True)
+        if self.compile:  # every slot and a bucket of the cache: the compiled graph's shapes repeat
+            logits = self.decoder.step(self.tokens, self.positions, self.cache.k, self.cache.v,
+                                       min(_bucket(kv_len), self.max_len))[lo:hi]
+        elif self.decoder is not None:
+            logits = self.decoder(self.tokens[lo:hi], pos, self.cache.k[:, lo:hi], self.cache.v[:, lo:hi], kv_len)
+        else:
+            mask = (self.arange[:kv_len] <= pos[:, None])[:, None, None, :]
+            logits, _ = self.model(self.tokens[lo:hi, None], cache=self.cache.rows(lo, hi), pos=pos, mask=mask,
+                                   last_only=True)
+            logits = logits[:, -1]
         self.steps += 1
         self.positions[lo:hi] += self.active[lo:hi]
         for s in live:
             self.pos_py[s] += 1
-        self._sample_and_emit(lo, hi, logits[:, -1], updates)
+        self._sample_and_emit(lo, hi, logits, updates)
 
     def _sample_and_emit(self, lo: int, hi: int, logits: torch.Tensor, updates: list[Update]) -> None:
         """Sample the next token of slots lo..hi from logits (hi - lo, V) and hand it to each request."""
@@ -314,6 +331,11 @@ class BatchEngine:
         updates.append(Update(r, None, r.text.flush() if r.text is not None else "", reason))
 
 
+def _bucket(n: int) -> int:
+    """The power of two >= n, at least 128: the cache lengths a compiled step is specialised to."""
+    return max(128, 1 << (n - 1).bit_length())
+
+
 def run(engine: BatchEngine) -> Iterator[Update]:
     """Step the engine until every request it holds has finished."""
     while engine.has_work:
@@ -334,10 +356,10 @@ def _fit_context(model: LlamaModel, prompt_ids: list[int], params: SamplingParam
 
 
 def generate_ids(model: LlamaModel, prompt_ids: list[int], params: SamplingParams,
-                 stop_ids: Sequence[int] = ()) -> Iterator[int]:
+                 stop_ids: Sequence[int] = (), compile: bool = False) -> Iterator[int]:
     """Yield generated token ids one at a time (stops on a stop id, which is not yielded)."""
     prompt_ids, max_new = _fit_context(model, list(prompt_ids), params)
-    engine = BatchEngine(model, max_batch=1, max_len=len(prompt_ids) + max_new)
+    engine = BatchEngine(model, max_batch=1, max_len=len(prompt_ids) + max_new, compile=compile)
     engine.add(Request(prompt_ids, params, max_new_tokens=max_new, stop_ids=stop_ids))
     for u in run(engine):
         if u.token is not None:

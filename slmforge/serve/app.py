@@ -119,11 +119,11 @@ Sink = tuple[asyncio.AbstractEventLoop, asyncio.Queue]
 class ModelWorker:
     """One model, its tokenizer, and the thread that runs its BatchEngine."""
 
-    def __init__(self, name: str, path: Path, model, tokenizer: Tokenizer, max_batch: int):
+    def __init__(self, name: str, path: Path, model, tokenizer: Tokenizer, max_batch: int, compile: bool = False):
         self.name, self.path, self.tokenizer = name, path, tokenizer
         self.ctx = model.config.max_position_embeddings
         self.vocab_size = model.config.vocab_size
-        self.engine = BatchEngine(model, tokenizer, max_batch=max_batch)
+        self.engine = BatchEngine(model, tokenizer, max_batch=max_batch, compile=compile)
         self.created = int(time.time())
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.wake = threading.Event()
@@ -206,6 +206,7 @@ class ServerConfig:
     max_tokens_limit: int | None = None  # most tokens one request may ask for (default: the context)
     timeout_s: float = 600.0  # per request
     api_keys: list[str] = field(default_factory=list)  # empty = no authentication
+    compile: bool = False  # torch.compile each engine's decode step (first steps per kv-length bucket wait)
 
 
 def parse_model_specs(specs: list[str | Path]) -> dict[str, Path]:
@@ -235,7 +236,8 @@ def create_app(model_dirs: list[str | Path] | dict[str, str | Path], config: Ser
     workers: dict[str, ModelWorker] = {}
     for name, path in specs.items():
         md = ModelDir.open(path)
-        workers[name] = ModelWorker(name, path, md.load_model(device, dtype), md.load_tokenizer(), cfg.max_batch)
+        workers[name] = ModelWorker(name, path, md.load_model(device, dtype), md.load_tokenizer(), cfg.max_batch,
+                                     cfg.compile)
     metrics = Metrics()
 
     @asynccontextmanager
