@@ -216,8 +216,8 @@ def test_decode_model_follows_weight_changes(tiny_tokenizer):
 
 
 def test_compiled_step_equals_single_stream(sharp_model, tiny_tokenizer):
-    """compile=True (fixed-shape step, torch.compile): continuous batching still gives each request's
-    single-stream tokens. One kv bucket (128) and one batch size keep it to a single compile."""
+    """compile=True (the fast path's step compiled by torch.compile): continuous batching still gives each
+    request's single-stream tokens. One batch size keeps it to a single compile."""
     reqs = _mixed_requests(5, tiny_tokenizer.vocab_size, seed=3)
     single = [list(generate_ids(sharp_model, ids, p)) for ids, p in reqs]
     engine = BatchEngine(sharp_model, max_batch=3, compile=True)

@@ -136,14 +136,12 @@ class BatchEngine:
                  fast: bool = True, compile: bool = False):
         """fast: decode on `DecodeModel`, an inference copy of the weights laid out for one-token steps
         (False: the training model's own forward). compile: run that step compiled by torch.compile, one
-        graph per kv-length bucket (tens of seconds the first time; pays off for small models, where eager
-        per-op overhead is most of a step)."""
+        graph per batch size (10-25 s the first time; pays off for small models, where eager per-op
+        overhead is most of a step)."""
         ctx = model.config.max_position_embeddings
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_len = max_batch, min(max_len or ctx, ctx)
         self.compile = compile and fast
-        if self.compile:  # a cache of a bucket's length, so that shapes repeat across engines
-            self.max_len = min(_bucket(self.max_len), ctx)
         self.decoder = decode_model(model, max_batch, fixed=self.compile) if fast else None
         self.prefill_chunk = prefill_chunk  # tokens per prefill forward
         self.prefill_budget = prefill_budget  # prompt tokens admitted per step (at least one request)
@@ -261,9 +259,8 @@ class BatchEngine:
         lo, hi = live[0], live[-1] + 1  # free slots inside the window are computed and ignored
         kv_len = max(self.pos_py[s] for s in live) + 1
         pos = self.positions[lo:hi]
-        if self.compile:  # every slot and a bucket of the cache: the compiled graph's shapes repeat
-            logits = self.decoder.step(self.tokens, self.positions, self.cache.k, self.cache.v,
-                                       min(_bucket(kv_len), self.max_len))[lo:hi]
+        if self.compile:  # every slot, so that the compiled graph's shapes repeat
+            logits = self.decoder.step(self.tokens, self.positions, self.cache.k, self.cache.v, kv_len)[lo:hi]
         elif self.decoder is not None:
             logits = self.decoder(self.tokens[lo:hi], pos, self.cache.k[:, lo:hi], self.cache.v[:, lo:hi], kv_len)
         else:
@@ -329,11 +326,6 @@ class BatchEngine:
         self._free(r)
         r.finish_reason = reason
         updates.append(Update(r, None, r.text.flush() if r.text is not None else "", reason))
-
-
-def _bucket(n: int) -> int:
-    """The power of two >= n, at least 128: the cache lengths a compiled step is specialised to."""
-    return max(128, 1 << (n - 1).bit_length())
 
 
 def run(engine: BatchEngine) -> Iterator[Update]:
