@@ -5,10 +5,16 @@ For each model (random weights of the 260k and 15m presets, and llama2.c's stori
 ../shared/data/tinystories has it) and each weight dtype it times greedy decoding of `--new` tokens after
 a 16-token prompt, single stream, with no stop token so every run makes exactly `--new` tokens:
 
-  slmforge     `generate_ids` (a BatchEngine with one slot)
+  slmforge     `generate_ids` (a BatchEngine with one slot): the default engine, decoding on the fast path's
+               eager inference copy of the weights (slmforge.infer.fastpath); "fast" in the table
+  reference    the same engine with fast=False: the training model's own forward (the engine before the
+               fast path)
+  compiled     the engine with compile=True: the fast path's fixed-shape step compiled by torch.compile;
+               compile_s is the time of the first (compiling) calls, single and batched together
   transformers `AutoModelForCausalLM.from_pretrained(dir).generate(..., do_sample=False,
                min_new_tokens=N, max_new_tokens=N)`, its default dynamic KV cache
-  batched      the engine with `--batch` requests decoding together: total tokens/s (the server's case)
+  batched      the engine with `--batch` requests decoding together: total tokens/s (the server's case),
+               fast, reference and compiled
   llama.cpp    (when llama-cpp-python is installed: benchmarks/setup_llama_cpp.sh) the same weights exported
                by `slmforge export gguf --type f32`, same prompt, same thread count, greedy, timed the same
                way: single stream, and the `--batch` requests decoded together through llama.cpp's batch
@@ -98,6 +104,13 @@ def bench_one(label: str, path: Path, dtype: str, n_new: int, batch: int, repeat
     def run_ours():
         return list(generate_ids(ours, prompt, greedy))
 
+    def engine_run(prompts: list[list[int]], **kw) -> list[list[int]]:
+        engine = BatchEngine(ours, max_batch=len(prompts), max_len=None if len(prompts) > 1 else len(prompt) + n_new,
+                             **kw)
+        reqs = [engine.add(Request(p, greedy)) for p in prompts]
+        list(run(engine))
+        return [r.output_ids for r in reqs]
+
     def run_hf():
         with torch.inference_mode():
             out = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=n_new, min_new_tokens=n_new,
@@ -106,29 +119,38 @@ def bench_one(label: str, path: Path, dtype: str, n_new: int, batch: int, repeat
 
     batch_prompts = [prompt[:8 + i % 8] for i in range(batch)]
 
-    def run_batched():
-        engine = BatchEngine(ours, max_batch=batch)
-        reqs = [engine.add(Request(p, greedy)) for p in batch_prompts]
-        list(run(engine))
-        return [r.output_ids for r in reqs]
-
-    run_ours(), run_hf()  # warm up
+    # compile=True: the first call compiles (one graph per kv bucket); time it, then time warm calls
+    t0 = time.perf_counter()
+    engine_run([prompt], compile=True), engine_run(batch_prompts, compile=True)
+    compile_s = time.perf_counter() - t0
+    run_ours(), run_hf(), engine_run([prompt], fast=False)  # warm up
     with LoadMeter() as load:
         t_ours, toks_ours = best_time(run_ours, repeats)
+        t_ref, toks_ref = best_time(lambda: engine_run([prompt], fast=False)[0], repeats)
+        t_comp, toks_comp = best_time(lambda: engine_run([prompt], compile=True)[0], repeats)
         t_hf, toks_hf = best_time(run_hf, repeats)
-        t_batch, toks_batch = best_time(run_batched, max(1, repeats - 1))
+        t_batch, toks_batch = best_time(lambda: engine_run(batch_prompts), max(1, repeats - 1))
+        t_batch_ref, _ = best_time(lambda: engine_run(batch_prompts, fast=False), max(1, repeats - 1))
+        t_batch_comp, toks_batch_comp = best_time(lambda: engine_run(batch_prompts, compile=True), max(1, repeats - 1))
         cpp = llama_cpp_rows(path, prompt, batch_prompts, n_new, threads, repeats, toks_ours, toks_batch) \
             if dtype == "float32" else {"llama_cpp_tokens_per_s": None}
     n_batch = sum(map(len, toks_batch))
     if cpp["llama_cpp_tokens_per_s"]:
         cpp["vs_llama_cpp"] = (n_new / t_ours) / cpp["llama_cpp_tokens_per_s"]
+        cpp["compiled_vs_llama_cpp"] = (n_new / t_comp) / cpp["llama_cpp_tokens_per_s"]
         cpp["batched_vs_llama_cpp_batched"] = (n_batch / t_batch) / cpp["llama_cpp_batched_tokens_per_s"]
+        cpp["compiled_batched_vs_llama_cpp_batched"] = (n_batch / t_batch_comp) / cpp["llama_cpp_batched_tokens_per_s"]
         cpp["batched_vs_llama_cpp_sequential"] = (n_batch / t_batch) / cpp["llama_cpp_tokens_per_s"]
     return {"model": label, "params": md.config.n_params, "vocab": md.config.vocab_size, "dtype": dtype,
             "threads": threads, "new_tokens": n_new,
             "slmforge_tokens_per_s": n_new / t_ours, "transformers_tokens_per_s": n_new / t_hf,
             "speedup": t_hf / t_ours, "same_tokens": toks_ours == toks_hf,
+            "reference_tokens_per_s": n_new / t_ref, "compiled_tokens_per_s": n_new / t_comp,
+            "compile_s": compile_s, "compiled_same_tokens": toks_comp == toks_ours == toks_ref,
             "batch": batch, "batched_tokens_per_s": n_batch / t_batch,
+            "reference_batched_tokens_per_s": n_batch / t_batch_ref,
+            "compiled_batched_tokens_per_s": n_batch / t_batch_comp,
+            "compiled_batched_same_tokens": toks_batch_comp == toks_batch,
             **cpp, "other_load_pct": load.other_pct}
 
 
@@ -153,20 +175,24 @@ def main() -> None:
             for dtype in args.dtypes.split(","):
                 rows.append(bench_one(label, path, dtype, args.new, args.batch, args.repeats, args.threads))
                 print(json.dumps(rows[-1]))
-    table = Table(title=f"decode tokens/s, single stream, greedy, {args.new} new tokens, {args.threads} threads")
-    for col in ("model", "dtype", "slmforge", "transformers", "speedup", "same tokens", "llama.cpp", "vs llama.cpp",
-                f"batched ×{args.batch}", f"llama.cpp ×{args.batch}", f"vs llama.cpp ×{args.batch}", "other load"):
+    table = Table(title=f"decode tokens/s, greedy, {args.new} new tokens, {args.threads} threads")
+    for col in ("model", "dtype", "reference", "fast", "compiled", "transformers", "llama.cpp",
+                "fast / compiled vs llama.cpp", f"×{args.batch} fast", f"×{args.batch} compiled",
+                f"llama.cpp ×{args.batch}", f"vs llama.cpp ×{args.batch}", "compile s", "same", "other load"):
         table.add_column(col, justify="left" if col in ("model", "dtype") else "right")
     for r in rows:
         load = "?" if r["other_load_pct"] is None else f"{r['other_load_pct']:.0f}%"
         cpp = r["llama_cpp_tokens_per_s"]
-        same = str(r["same_tokens"]) + ("" if not cpp else f" / {r['llama_cpp_same_tokens']}")
-        table.add_row(r["model"], r["dtype"], f"{r['slmforge_tokens_per_s']:,.0f}",
-                      f"{r['transformers_tokens_per_s']:,.0f}", f"{r['speedup']:.1f}×", same,
-                      f"{cpp:,.0f}" if cpp else "-", f"{r['vs_llama_cpp']:.2f}×" if cpp else "-",
-                      f"{r['batched_tokens_per_s']:,.0f}",
+        same = r["same_tokens"] and r["compiled_same_tokens"] and r["compiled_batched_same_tokens"]
+        same = str(same) + ("" if not cpp else f" / {r['llama_cpp_same_tokens']}")
+        table.add_row(r["model"], r["dtype"], f"{r['reference_tokens_per_s']:,.0f}",
+                      f"{r['slmforge_tokens_per_s']:,.0f}", f"{r['compiled_tokens_per_s']:,.0f}",
+                      f"{r['transformers_tokens_per_s']:,.0f}", f"{cpp:,.0f}" if cpp else "-",
+                      f"{r['vs_llama_cpp']:.2f}× / {r['compiled_vs_llama_cpp']:.2f}×" if cpp else "-",
+                      f"{r['batched_tokens_per_s']:,.0f}", f"{r['compiled_batched_tokens_per_s']:,.0f}",
                       f"{r['llama_cpp_batched_tokens_per_s']:,.0f}" if cpp else "-",
-                      f"{r['batched_vs_llama_cpp_batched']:.2f}×" if cpp else "-", load)
+                      f"{r['batched_vs_llama_cpp_batched']:.2f}× / {r['compiled_batched_vs_llama_cpp_batched']:.2f}×"
+                      if cpp else "-", f"{r['compile_s']:.0f}", same, load)
     Console(width=150).print(table)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"machine": platform.processor() or platform.machine(),
