@@ -46,8 +46,9 @@ def read_json(path: str | Path) -> dict:
         raise SlmforgeError(f"{path}: invalid JSON ({e})") from None
 
 
-def read_jsonl(path: str | Path, skip_bad: bool = False) -> Iterator[dict]:
-    """Yield one dict per non-blank line; a broken line is an error naming file and line (or skipped)."""
+def read_jsonl_lines(path: str | Path, skip_bad: bool = False) -> Iterator[tuple[int, dict]]:
+    """Yield (line number, dict) per non-blank line; a broken line is an error naming file and line (or
+    skipped)."""
     path = Path(path)
     if not path.is_file():
         raise SlmforgeError(f"{path}: no such file")
@@ -71,7 +72,13 @@ def read_jsonl(path: str | Path, skip_bad: bool = False) -> Iterator[dict]:
                 if skip_bad:
                     continue
                 raise SlmforgeError(f"{path}:{lineno}: expected a JSON object")
-            yield obj
+            yield lineno, obj
+
+
+def read_jsonl(path: str | Path, skip_bad: bool = False) -> Iterator[dict]:
+    """Yield one dict per non-blank line; a broken line is an error naming file and line (or skipped)."""
+    for _, obj in read_jsonl_lines(path, skip_bad):
+        yield obj
 
 
 def swap_dir_into_place(tmp: str | Path, out: str | Path) -> None:

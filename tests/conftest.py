@@ -1,4 +1,6 @@
 import random
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -46,3 +48,24 @@ def tiny_model_dir(tmp_path, tiny_model, tiny_tokenizer):
     from slmforge.modeldir import save_model_dir
 
     return save_model_dir(tmp_path / "model", tiny_model, tiny_tokenizer, {"stage": "test"})
+
+
+class LiveServer:
+    """An ASGI app served by uvicorn in a thread on a free port, for clients that need real HTTP (the
+    openai client, streaming, a browser). `base` is http://127.0.0.1:PORT, `url` is base + /v1."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        self.app = app
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.01)
+        self.base = f"http://127.0.0.1:{self.server.servers[0].sockets[0].getsockname()[1]}"
+        self.url = self.base + "/v1"
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(5)

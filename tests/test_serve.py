@@ -8,6 +8,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
+from conftest import LiveServer
 from slmforge.config import preset
 from slmforge.infer.engine import SamplingParams, generate_ids, generate_text
 from slmforge.model import LlamaModel
@@ -31,26 +32,6 @@ def local(model_dir):
 
     md = ModelDir.open(model_dir)
     return md.load_model(), md.load_tokenizer()
-
-
-class LiveServer:
-    """uvicorn in a thread on a free port (what the openai client and streaming clients talk to)."""
-
-    def __init__(self, app):
-        import uvicorn
-
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.01)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}/v1"
-        self.app = app
-
-    def close(self):
-        self.server.should_exit = True
-        self.thread.join(5)
 
 
 @pytest.fixture(scope="module")

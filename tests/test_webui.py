@@ -3,14 +3,13 @@ tiny random model, playwright typing a message and clicking Send, the streamed r
 and ending as the server's own non-streaming greedy reply. Skipped without playwright or /usr/bin/chromium
 (Debian's chromium; playwright's own browser download is not needed)."""
 
-import threading
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
 
+from conftest import LiveServer
 from slmforge.config import preset
 from slmforge.model import LlamaModel
 from slmforge.modeldir import save_model_dir
@@ -18,22 +17,6 @@ from slmforge.serve.app import ServerConfig, create_app
 
 CHROMIUM = Path("/usr/bin/chromium")
 KEY = "sk-webui"
-
-
-class LiveServer:
-    def __init__(self, app):
-        import uvicorn
-
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.01)
-        self.url = f"http://127.0.0.1:{self.server.servers[0].sockets[0].getsockname()[1]}"
-
-    def close(self):
-        self.server.should_exit = True
-        self.thread.join(5)
 
 
 @pytest.fixture(scope="module")
@@ -58,20 +41,20 @@ def browser():
 
 
 def test_page_is_self_contained(server):
-    r = httpx.get(server.url + "/")
+    r = httpx.get(server.base + "/")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
     assert "http://" not in r.text and "https://" not in r.text  # no CDN, nothing fetched from elsewhere
 
 
 def test_chat_streams_greedy_reply(server, browser):
     message, max_tokens = "Tom saw the cat.", 40
-    expected = httpx.post(server.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, json={
+    expected = httpx.post(server.base + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, json={
         "model": "tiny", "messages": [{"role": "user", "content": message}], "temperature": 0,
         "max_tokens": max_tokens}).json()["choices"][0]["message"]["content"]
     assert expected
 
     page = browser.new_page()
-    page.goto(server.url + "/")
+    page.goto(server.base + "/")
     page.fill("#apikey", KEY)
     page.dispatch_event("#apikey", "change")  # stores the key and reloads the model list with it
     page.wait_for_function("document.querySelector('#model').value === 'tiny'")

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from slmforge.errors import SlmforgeError
-from slmforge.io import swap_dir_into_place, write_json
+from slmforge.io import read_jsonl_lines, swap_dir_into_place, write_json
 from slmforge.model import LlamaModel
 from slmforge.modeldir import ModelDir, save_model_dir
 from slmforge.tokenizer import Tokenizer
@@ -118,21 +118,7 @@ def read_records(path: str | Path) -> list[tuple[str, dict]]:
             except (csv.Error, UnicodeDecodeError) as e:
                 raise SlmforgeError(f"{path}:{reader.line_num}: unreadable row ({e})") from None
     else:
-        with open(path, "rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError:
-                    raise SlmforgeError(f"{path}:{lineno}: not valid UTF-8") from None
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise SlmforgeError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-                if not isinstance(obj, dict):
-                    raise SlmforgeError(f"{path}:{lineno}: expected a JSON object")
-                rows.append((f"{path}:{lineno}", obj))
+        rows.extend((f"{path}:{lineno}", obj) for lineno, obj in read_jsonl_lines(path))
     if not rows:
         raise SlmforgeError(f"{path}: empty file (no examples)")
     return rows
