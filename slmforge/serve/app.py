@@ -338,6 +338,14 @@ def create_app(model_dirs: list[str | Path] | dict[str, str | Path], config: Ser
                 self.held = False
                 metrics.in_flight -= 1
 
+    async def run_to_end(w: ModelWorker, reqs: list[Request], http: HTTPRequest, slot: Slot) -> None:
+        """Run non-streaming requests to completion, then free their concurrency slot."""
+        try:
+            async for _ in run_requests(w, reqs, http):
+                pass
+        finally:
+            slot.release()
+
     async def run_requests(w: ModelWorker, reqs: list[Request], http: HTTPRequest) -> AsyncIterator[Update]:
         """Updates of `reqs` as the engine thread produces them; cancels what is left on exit."""
         loop = asyncio.get_running_loop()
@@ -502,11 +510,7 @@ def create_app(model_dirs: list[str | Path] | dict[str, str | Path], config: Ser
                     yield sse(chunk([], usage=usage(reqs, body.n)))
             return stream(events(), slot)
 
-        try:
-            async for _ in run_requests(w, reqs, request):
-                pass
-        finally:
-            slot.release()
+        await run_to_end(w, reqs, request, slot)
         choices = []
         for i, (r, ptext) in enumerate(zip(reqs, prompt_texts, strict=True)):
             text = r.text.text
@@ -585,11 +589,7 @@ def create_app(model_dirs: list[str | Path] | dict[str, str | Path], config: Ser
                     yield sse(chunk([], usage=usage(reqs, body.n)))
             return stream(events(), slot)
 
-        try:
-            async for _ in run_requests(w, reqs, request):
-                pass
-        finally:
-            slot.release()
+        await run_to_end(w, reqs, request, slot)
         choices = []
         for i, r in enumerate(reqs):
             lp = None
