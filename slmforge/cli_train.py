@@ -20,6 +20,9 @@ def finetune(
     mode: Annotated[str, typer.Option(help="full or lora.")] = "full",
     head: Annotated[str, typer.Option(help="classify: generative (label as completion) or classifier.")] = "generative",
     labels: Annotated[str | None, typer.Option(help="classify: comma-separated label set (default: from train).")] = None,
+    class_weights: Annotated[str, typer.Option(help="classify, head classifier: none or balanced (n/(k*count)).")] = "none",
+    select_metric: Annotated[str, typer.Option(help="classify: val metric that picks the kept weights: accuracy or "
+                                                    "macro_f1.")] = "accuracy",
     lora_r: Annotated[int, typer.Option(help="LoRA rank.")] = 8,
     lora_alpha: Annotated[int, typer.Option(help="LoRA alpha (scale alpha/r).")] = 16,
     lora_dropout: Annotated[float, typer.Option(help="LoRA dropout.")] = 0.05,
@@ -50,6 +53,7 @@ def finetune(
     from slmforge.train.loop import TrainConfig
 
     cfg = FinetuneConfig(task=task, mode=mode, head=head, labels=labels.split(",") if labels else None,
+                         class_weights=class_weights, select_metric=select_metric,
                          lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                          lora_targets=[t.strip() for t in lora_targets.split(",") if t.strip()],
                          val_fraction=0.0 if val else val_fraction, merge=merge, dtype=dtype)
@@ -61,7 +65,7 @@ def finetune(
                        min_lr=peak / 10, warmup_steps=max(steps // 20, 1) if warmup is None else warmup,
                        weight_decay=weight_decay, precision=precision, eval_every=eval_every, ckpt_every=ckpt_every,
                        patience=patience, best_metric=None if patience == 0 else
-                       ("val_accuracy" if task == "classify" else "val_loss"),
+                       (f"val_{select_metric}" if task == "classify" else "val_loss"),
                        best_mode="max" if task == "classify" else "min", seed=seed, device=device)
     summary = run_finetune(model, data, out, cfg, tcfg, val_path=val, resume=resume)
     m = summary["metrics"]
@@ -70,6 +74,8 @@ def finetune(
         parts.append(f"val loss {m['val_loss']:.4f}")
     if m.get("val_accuracy") is not None:
         parts.append(f"val accuracy {m['val_accuracy']:.3f}")
+    if m.get("val_macro_f1") is not None:
+        parts.append(f"val macro-F1 {m['val_macro_f1']:.3f}")
     if m.get("stopped_early"):
         parts.append(f"stopped early, best step {m['best_step']}")
     typer.echo(f"wrote {', '.join(summary['outputs'].values())} · " + " · ".join(parts))

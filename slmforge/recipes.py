@@ -84,6 +84,8 @@ class FinetuneSpec:
     mode: str = "full"  # full | lora
     head: str = "generative"  # classify: generative | classifier
     labels: list[str] | None = None
+    class_weights: str = "none"  # classify with head classifier: none | balanced
+    select_metric: str = "accuracy"  # classify: the val metric that picks the kept checkpoint
     minutes: float = 5.0
     max_steps: int | None = None
     epochs: float = 3.0  # never more passes than this over the training data
@@ -452,7 +454,8 @@ def _finetune(recipe: Recipe, v: VariantSpec, init: Path, data: Path, out: Path,
         raise SlmforgeError(f"{recipe.path}: variant {v.name}: val file {val_path} not found")
     md = ModelDir.open(init)
     seq_len = min(s.seq_len, md.config.max_position_embeddings - 1)
-    cfg = ft.FinetuneConfig(task=s.task, mode=s.mode, head=s.head, labels=s.labels, lora_r=s.lora_r,
+    cfg = ft.FinetuneConfig(task=s.task, mode=s.mode, head=s.head, labels=s.labels, class_weights=s.class_weights,
+                            select_metric=s.select_metric, lora_r=s.lora_r,
                             lora_alpha=s.lora_alpha, lora_targets=s.lora_targets,
                             val_fraction=0.0 if val_path else s.val_fraction, merge=s.mode == "lora")
 
@@ -481,7 +484,7 @@ def _finetune(recipe: Recipe, v: VariantSpec, init: Path, data: Path, out: Path,
 
     plan = _plan(out / "plan.json", make_plan)
     steps = plan["max_steps"]
-    best = ("val_accuracy", "max") if s.task == "classify" else ("val_loss", "min")
+    best = (f"val_{s.select_metric}", "max") if s.task == "classify" else ("val_loss", "min")
     tcfg = TrainConfig(max_steps=steps, batch_size=s.batch_size, seq_len=seq_len, lr=s.lr, min_lr=s.lr / 10,
                        warmup_steps=max(steps // 20, 1), weight_decay=s.weight_decay, precision=s.precision,
                        eval_every=min(s.eval_every, steps), ckpt_every=min(max(s.eval_every, 50), steps),
@@ -507,7 +510,8 @@ def _variant_row(recipe: Recipe, v: VariantSpec, vdir: Path, pre: dict | None, r
         m = ftj["metrics"]
         row |= {"params": m["total_params"], "trainable_params": m["trainable_params"],
                 "finetune_s": m["train_time_s"], "steps": m["steps"], "best_step": m["best_step"],
-                "val_loss": m.get("val_loss"), "val_accuracy": m.get("val_accuracy")}
+                "val_loss": m.get("val_loss"), "val_accuracy": m.get("val_accuracy"),
+                "val_macro_f1": m.get("val_macro_f1")}
     else:
         from slmforge.modeldir import ModelDir
 

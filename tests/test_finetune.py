@@ -113,6 +113,30 @@ def test_classifier_head_learns_saves_and_predicts(tmp_path, base_dir):
     assert sum(p == r["label"] for p, r in zip(preds, rows, strict=True)) >= 18
 
 
+def test_balanced_class_weights_and_macro_f1_selection(tmp_path, base_dir):
+    from slmforge.evaluate.tasks import classification_metrics
+
+    exs = [ft.Example([1], [False], label=lab) for lab in [0, 0, 0, 1]]
+    assert torch.allclose(ft.balanced_class_weights(exs, 3), torch.tensor([4 / 6, 2.0, 0.0]))
+    gen = torch.Generator().manual_seed(0)
+    pred, gold = torch.randint(0, 3, (200,), generator=gen), torch.randint(0, 3, (200,), generator=gen)
+    ref = classification_metrics([str(x) for x in gold.tolist()], [str(x) for x in pred.tolist()], ["0", "1", "2"])
+    assert ft.macro_f1(pred, gold, 3) == pytest.approx(ref["macro_f1"] / 100)
+    with pytest.raises(SlmforgeError, match="class_weights balanced needs"):
+        FinetuneConfig(task="classify", head="generative", class_weights="balanced")
+
+    # 1 in 8 examples is a dog: balanced weights and macro-F1 selection still learn both classes
+    rows = [r for r in _classify_rows(900) if r["label"] == "cat"][:350]
+    rows += [r for r in _classify_rows(900, seed=3) if r["label"] == "dog"][:50]
+    random.Random(0).shuffle(rows)
+    val_f = _jsonl(tmp_path / "val.jsonl", _classify_rows(60, seed=1))
+    cfg = FinetuneConfig(task="classify", head="classifier", class_weights="balanced", select_metric="macro_f1")
+    s = finetune(base_dir, _jsonl(tmp_path / "train.jsonl", rows), tmp_path / "run", cfg,
+                 TrainConfig(max_steps=40, eval_every=20, **FAST), val_path=val_f)
+    assert s["metrics"]["val_macro_f1"] > 0.85
+    assert json.loads((tmp_path / "run" / "finetune.json").read_text())["train"]["best_metric"] == "val_macro_f1"
+
+
 def test_lm_finetune_loss_drops(tmp_path, base_dir):
     train_f = _jsonl(tmp_path / "train.jsonl", _lm_rows(200))
     s = finetune(base_dir, train_f, tmp_path / "run", FinetuneConfig(task="lm"),

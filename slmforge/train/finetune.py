@@ -12,7 +12,7 @@ Tasks and their data (JSONL, or CSV/TSV with the same column names):
 
 Every example becomes token ids plus an answer mask (True where the loss is taken). Batches are a pure
 function of their index (an epoch permutation seeded by the run's seed), so the trainer core's exact
-resume holds. Evaluation keeps the best weights (val_accuracy for classify, val_loss otherwise) and can
+resume holds. Evaluation keeps the best weights (val accuracy or macro-F1 for classify, val_loss otherwise) and can
 stop early.
 
     out/metrics.jsonl, checkpoints/      the trainer core's files (resumable)
@@ -49,6 +49,8 @@ from slmforge.train.loop import TrainConfig, read_metrics, train
 TASKS = ("lm", "chat", "classify")
 MODES = ("full", "lora")
 HEADS = ("generative", "classifier")
+CLASS_WEIGHTS = ("none", "balanced")
+SELECT_METRICS = ("accuracy", "macro_f1")
 ROLES = ("system", "user", "assistant")
 CLASSIFY_PROMPT = "{text}\nlabel:"  # generative classification: the completion is " " + label
 HEAD_FILE = "classifier_head.safetensors"
@@ -61,6 +63,10 @@ class FinetuneConfig:
     mode: str = "full"  # full | lora
     head: str = "generative"  # classify only: generative | classifier
     labels: list[str] | None = None  # classify: the label set (default: the labels seen in train, sorted)
+    # classify: "balanced" weighs each class's loss by n / (k * count), so a rare class (PubMedQA's "maybe")
+    # is not drowned by the majority; and the val metric that picks the kept checkpoint
+    class_weights: str = "none"
+    select_metric: str = "accuracy"
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.05
@@ -79,6 +85,10 @@ class FinetuneConfig:
              "need lora_r > 0, lora_alpha > 0 and 0 <= lora_dropout < 1"),
             (bool(self.lora_targets), "lora_targets must name at least one module"),
             (0 <= self.val_fraction < 1, "val_fraction must be in [0, 1)"),
+            (self.class_weights in CLASS_WEIGHTS, f"class_weights must be one of {', '.join(CLASS_WEIGHTS)}"),
+            (self.select_metric in SELECT_METRICS, f"select_metric must be one of {', '.join(SELECT_METRICS)}"),
+            (self.class_weights == "none" or (self.task == "classify" and self.head == "classifier"),
+             "class_weights balanced needs task classify with head classifier"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -332,7 +342,25 @@ def lm_loss(model: nn.Module, batch: dict) -> torch.Tensor:
 
 
 def classifier_loss(model: nn.Module, batch: dict) -> torch.Tensor:
-    return F.cross_entropy(model(batch["x"], batch["last"]).float(), batch["label"])
+    return F.cross_entropy(model(batch["x"], batch["last"]).float(), batch["label"], weight=batch.get("weight"))
+
+
+def balanced_class_weights(examples: list[Example], n_labels: int) -> torch.Tensor:
+    """n / (k * count_c) per class, k the classes present in train (sklearn's "balanced"); an absent class
+    gets weight 0."""
+    counts = torch.bincount(torch.tensor([e.label for e in examples]), minlength=n_labels).float()
+    k = int((counts > 0).sum())
+    return torch.where(counts > 0, len(examples) / (k * counts.clamp(min=1)), torch.zeros_like(counts))
+
+
+def macro_f1(pred: torch.Tensor, gold: torch.Tensor, n_labels: int) -> float:
+    """Macro-F1 over all n_labels classes (a class never predicted nor present scores 0, as in eval)."""
+    f1s = []
+    for c in range(n_labels):
+        tp = ((pred == c) & (gold == c)).sum().item()
+        denom = (pred == c).sum().item() + (gold == c).sum().item()
+        f1s.append(2 * tp / denom if denom else 0.0)
+    return sum(f1s) / n_labels
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:
@@ -491,9 +519,12 @@ def finetune(
 
     bs, pad = train_cfg.batch_size, pad_id_of(tok)
 
+    weight = balanced_class_weights(train_ex, len(labels)) if cfg.class_weights == "balanced" else None
+
     def get_batch(i: int) -> dict:
-        return collate([train_ex[j] for j in batch_indices(i, len(train_ex), bs, train_cfg.seed)], pad,
-                       cfg.classifier_head)
+        batch = collate([train_ex[j] for j in batch_indices(i, len(train_ex), bs, train_cfg.seed)], pad,
+                        cfg.classifier_head)
+        return batch if weight is None else batch | {"weight": weight}
 
     val_batches = [collate(val_ex[s:s + bs], pad, cfg.classifier_head) for s in range(0, len(val_ex), bs)]
     texts = [r["text"] for _, r in val_recs] if cfg.task == "classify" else []
@@ -509,11 +540,13 @@ def finetune(
         else:
             scores = label_logliks(model, tok, texts, labels, seq_len, bs)
         model.train(was_training)
-        return {"val_accuracy": (scores.argmax(-1) == gold).float().mean().item()}
+        pred = scores.argmax(-1)
+        return {"val_accuracy": (pred == gold).float().mean().item(),
+                "val_macro_f1": macro_f1(pred, gold, len(labels))}
 
     if val_ex and train_cfg.best_metric is None:  # keep the best evaluation's weights
-        train_cfg = replace(train_cfg, **({"best_metric": "val_accuracy", "best_mode": "max"} if cfg.task == "classify"
-                                          else {"best_metric": "val_loss", "best_mode": "min"}))
+        train_cfg = replace(train_cfg, **({"best_metric": f"val_{cfg.select_metric}", "best_mode": "max"}
+                                          if cfg.task == "classify" else {"best_metric": "val_loss", "best_mode": "min"}))
     if not val_ex and train_cfg.patience:
         raise SlmforgeError("early stopping (patience) needs validation data: give a val file or val_fraction > 0")
     result = train(model, get_batch, train_cfg, out, (lambda: val_batches) if val_ex else None,
@@ -527,6 +560,7 @@ def finetune(
         "train_loss": result.loss,
         "val_loss": best_row.get("val_loss", result.val_loss),
         "val_accuracy": best_row.get("val_accuracy"),
+        "val_macro_f1": best_row.get("val_macro_f1"),
         "best_step": result.best_step, "steps": result.step, "stopped_early": result.stopped_early,
         "train_tokens": result.tokens, "tokens_per_s": round(result.tokens_per_s, 1),
         "train_time_s": round(result.train_time_s, 2),
