@@ -207,6 +207,11 @@ def test_dialogsum_split(tmp_path):
     row = _rows(tmp_path / "test.jsonl")[0]
     assert row["messages"][0]["content"].startswith("Summarize the dialogue.\n#Person1#:")
     assert row["topic"] and row["messages"][1]["content"] == row["messages"][1]["content"].strip()
+    more = prepare_dialogsum(_data(), tmp_path / "more", add_samsum=True)
+    assert more["counts"] == {"train": 400 + 818, "test": 100} and len(more["sources"]) == 2
+    assert _ids(tmp_path / "more", "test") == _ids(tmp_path, "test")  # the test split stays DialogSum's
+    samsum = [r for r in _rows(tmp_path / "more" / "train.jsonl") if r["id"].startswith("samsum-")]
+    assert len(samsum) == 818 and all(r["prompt"].endswith("\nSummary:") and r["completion"].strip() for r in samsum)
 
 
 def test_missing_and_bad_sources(tmp_path):
@@ -221,6 +226,10 @@ def test_missing_and_bad_sources(tmp_path):
         prepare_sst2(tmp_path, tmp_path / "out")
     with pytest.raises(SlmforgeError, match="unknown format 'xml'"):
         prepare_sst2(tmp_path, tmp_path / "out", fmt="xml")
+    with pytest.raises(SlmforgeError, match="option add_samsum must be bool, got 'maybe'"):
+        prepare("dialogsum", tmp_path, tmp_path / "out", add_samsum="maybe")
+    with pytest.raises(SlmforgeError, match="option n_test must be int"):
+        prepare("dialogsum", tmp_path, tmp_path / "out", n_test=True)
     with pytest.raises(SlmforgeError, match="unknown task data 'imdb'"):
         prepare("imdb", tmp_path, tmp_path / "out")
     with pytest.raises(SlmforgeError, match="unknown option.*n_tset"):

@@ -584,10 +584,26 @@ def prepare_inspec(data_dir: str | Path, out_dir: str | Path, seed: int = 0, n_t
 DIALOGSUM_TEMPLATE = "Summarize the dialogue.\n{dialogue}\nSummary:"
 
 
+def read_samsum(path: Path) -> list[dict]:
+    """SAMSum's CSV (id, summary, dialogue) as rows; errors name file:line."""
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        missing = {"id", "summary", "dialogue"} - set(reader.fieldnames or [])
+        if missing:
+            raise SlmforgeError(f"{path}: missing columns {sorted(missing)}")
+        rows = []
+        for row in reader:
+            if not (row["dialogue"] or "").strip() or not (row["summary"] or "").strip():
+                raise SlmforgeError(f"{path}:{reader.line_num}: empty dialogue or summary")
+            rows.append(row)
+    return rows
+
+
 def prepare_dialogsum(data_dir: str | Path, out_dir: str | Path, seed: int = 0, n_test: int = 100,
-                      fmt: str = "prompt") -> dict:
+                      fmt: str = "prompt", add_samsum: bool = False) -> dict:
     """DialogSum dev (500 dialogues) → prompt (dialogue) / completion (summary), seeded test split;
-    "topic" kept alongside."""
+    "topic" kept alongside. add_samsum: also train on SAMSum's 818 validation dialogues (chat-style
+    dialogues with abstractive summaries — more of the same task; the test split stays DialogSum's)."""
     _check_fmt(fmt, ("prompt", "chat"))
     path = _source(data_dir, "summarization/dialogsum.dev.jsonl")
     rows = []
@@ -603,9 +619,17 @@ def prepare_dialogsum(data_dir: str | Path, out_dir: str | Path, seed: int = 0, 
         row = _as_row(f"dialogsum-{obj.get('fname', i)}", DIALOGSUM_TEMPLATE.format(dialogue=obj["dialogue"]),
                       obj["summary"].strip(), fmt, topic=obj.get("topic"))
         splits["test" if i in test else "train"].append(row)
+    sources = [str(path)]
+    if add_samsum:
+        samsum = _source(data_dir, "summarization/samsum_val.csv")
+        for r in read_samsum(samsum):
+            dialogue = r["dialogue"].replace("\r\n", "\n").strip()
+            splits["train"].append(_as_row(f"samsum-{r['id']}", DIALOGSUM_TEMPLATE.format(dialogue=dialogue),
+                                           r["summary"].strip(), fmt, topic=None))
+        sources.append(str(samsum))
     return _write_splits(out_dir, splits, {
         "task": "dialogsum", "kind": "summarization", "format": fmt, "seed": seed, "dialogues": len(rows),
-        "sources": [str(path)]})
+        "sources": sources})
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -626,4 +650,11 @@ def prepare(name: str, data_dir: str | Path, out_dir: str | Path, seed: int = 0,
     if unknown:
         raise SlmforgeError(f"task data {name}: unknown option(s) {', '.join(unknown)} "
                             f"(it takes {', '.join(k for k in takes if k not in ('data_dir', 'out_dir'))})")
+    for key, value in options.items():  # the default's type is the option's type (YAML gives true, 500, 0.5)
+        default = takes[key].default
+        want = type(default) if default not in (inspect.Parameter.empty, None) else None
+        ok = (want is None or (isinstance(value, want) and not (want is int and isinstance(value, bool)))
+              or (want is float and isinstance(value, int) and not isinstance(value, bool)))
+        if not ok:
+            raise SlmforgeError(f"task data {name}: option {key} must be {want.__name__}, got {value!r}")
     return LOADERS[name](data_dir, out_dir, seed=seed, **options)
