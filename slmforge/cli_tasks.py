@@ -43,19 +43,20 @@ def predict(
     model: Annotated[Path, typer.Argument(help="Model directory.")],
     input: Annotated[Path, typer.Option("--input", help="Task JSONL (text, prompt, messages or events rows).")],
     out: Annotated[Path, typer.Option(help="Predictions JSONL to write.")],
-    task: Annotated[str, typer.Option(help="classify, generate or deeplog.")] = "generate",
+    task: Annotated[str, typer.Option(help="classify, generate, deeplog or extract (keyphrases, a tagger).")] = "generate",
     labels: Annotated[str | None, typer.Option(help="classify with a plain LM: comma-separated labels.")] = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="generate: most new tokens.")] = 64,
     stop: Annotated[list[str] | None, typer.Option(help="generate: stop string (repeatable).")] = None,
     batch: Annotated[int, typer.Option(help="Rows per batch.")] = 16,
     top_g: Annotated[int, typer.Option(help="deeplog: an event outside the top g guesses is anomalous.")] = 9,
+    top_k: Annotated[int, typer.Option(help="extract: keyphrases per row.")] = 10,
     limit: Annotated[int | None, typer.Option(help="Only the first N rows.")] = None,
 ) -> None:
     """Batch inference over a JSONL file: {"id", "prediction", ...reference fields} per row."""
     from slmforge.infer.predict import predict_file
 
     s = predict_file(model, task, input, out, labels=labels.split(",") if labels else None, max_tokens=max_tokens,
-                     stop=stop or (), batch_size=batch, top_g=top_g, limit=limit, progress=True)
+                     stop=stop or (), batch_size=batch, top_g=top_g, top_k=top_k, limit=limit, progress=True)
     typer.echo(f"wrote {s['rows']} predictions to {out} in {s['seconds']:.1f} s ({s['rows_per_s']:.1f} rows/s)")
 
 

@@ -14,7 +14,8 @@ def finetune(
     model: Annotated[Path, typer.Option(help="Model directory to start from (ours, imported llama2.c or HF).")],
     data: Annotated[Path, typer.Option(help="Training data: JSONL, CSV or TSV.")],
     out: Annotated[Path, typer.Option(help="Run folder: metrics, checkpoints, model/ (and adapter/ for LoRA).")],
-    task: Annotated[str, typer.Option(help="lm (prompt/completion), chat (messages) or classify (text/label).")] = "lm",
+    task: Annotated[str, typer.Option(help="lm (prompt/completion), chat (messages), classify (text/label) or tag "
+                                           "(text/phrases: an O/B/I keyphrase tagger).")] = "lm",
     val: Annotated[Path | None, typer.Option(help="Validation data (default: --val-fraction of train).")] = None,
     val_fraction: Annotated[float, typer.Option(help="Share of train held out when --val is not given.")] = 0.1,
     mode: Annotated[str, typer.Option(help="full or lora.")] = "full",
@@ -64,9 +65,8 @@ def finetune(
     tcfg = TrainConfig(max_steps=steps, batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len, lr=peak,
                        min_lr=peak / 10, warmup_steps=max(steps // 20, 1) if warmup is None else warmup,
                        weight_decay=weight_decay, precision=precision, eval_every=eval_every, ckpt_every=ckpt_every,
-                       patience=patience, best_metric=None if patience == 0 else
-                       (f"val_{select_metric}" if task == "classify" else "val_loss"),
-                       best_mode="max" if task == "classify" else "min", seed=seed, device=device)
+                       patience=patience, best_metric=None if patience == 0 else cfg.best_metric[0],
+                       best_mode=cfg.best_metric[1], seed=seed, device=device)
     summary = run_finetune(model, data, out, cfg, tcfg, val_path=val, resume=resume)
     m = summary["metrics"]
     parts = [f"{m['trainable_params']:,} trainable params ({m['trainable_pct']:.2f}%)", f"{m['steps']} steps"]
@@ -76,6 +76,8 @@ def finetune(
         parts.append(f"val accuracy {m['val_accuracy']:.3f}")
     if m.get("val_macro_f1") is not None:
         parts.append(f"val macro-F1 {m['val_macro_f1']:.3f}")
+    if m.get("val_tag_f1") is not None:
+        parts.append(f"val tag F1 {m['val_tag_f1']:.3f}")
     if m.get("stopped_early"):
         parts.append(f"stopped early, best step {m['best_step']}")
     typer.echo(f"wrote {', '.join(summary['outputs'].values())} · " + " · ".join(parts))

@@ -57,6 +57,15 @@ class Tokenizer:
             ids = [*ids, self.eos_id]
         return ids
 
+    def encode_with_offsets(self, text: str, bos: bool = False) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids and each token's (start, end) character span in text (bos gets (0, 0)). A byte-level
+        token holding part of a multi-byte character spans that whole character."""
+        enc = self.tok.encode(text, add_special_tokens=False)
+        ids, offsets = list(enc.ids), [tuple(o) for o in enc.offsets]
+        if bos and self.bos_id is not None:
+            ids, offsets = [self.bos_id, *ids], [(0, 0), *offsets]
+        return ids, offsets
+
     def encode_batch(self, texts: list[str], bos: bool = False, eos: bool = False) -> list[list[int]]:
         out = [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
         pre = [self.bos_id] if bos and self.bos_id is not None else []

@@ -1,4 +1,5 @@
-"""Fine-tuning a model directory on task data: full or LoRA, language-model tasks or classification.
+"""Fine-tuning a model directory on task data: full or LoRA, language-model tasks, classification or
+token tagging.
 
 Tasks and their data (JSONL, or CSV/TSV with the same column names):
 
@@ -9,16 +10,21 @@ Tasks and their data (JSONL, or CSV/TSV with the same column names):
                                                        CLASSIFY_PROMPT, predicted as the label with the
                                                        highest log-likelihood; head "classifier": a linear
                                                        layer on the final hidden state of the last token
+    tag       {"text": ..., "phrases": [...]}          extractive keyphrases: a linear layer on every token's
+                                                       final hidden state tags it O/B/I; the gold tags mark
+                                                       each phrase's occurrences in the text (inspec rows
+                                                       {"prompt", "keyphrases"} are read as text and phrases)
 
 Every example becomes token ids plus an answer mask (True where the loss is taken). Batches are a pure
 function of their index (an epoch permutation seeded by the run's seed), so the trainer core's exact
-resume holds. Evaluation keeps the best weights (val accuracy or macro-F1 for classify, val_loss otherwise) and can
-stop early.
+resume holds. Evaluation keeps the best weights (val accuracy or macro-F1 for classify, token F1 of the B/I tags
+for tag, val_loss otherwise) and can stop early.
 
     out/metrics.jsonl, checkpoints/      the trainer core's files (resumable)
     out/model/                           the fine-tuned (for LoRA with merge: merged) model directory
     out/adapter/                         LoRA: the peft adapter (save_pretrained)
     classifier_head.safetensors          in model/ or adapter/ with head "classifier"; labels in slmforge.json
+    tagger_head.safetensors              in model/ or adapter/ for task tag; "tagger" entry in slmforge.json
     out/finetune.json                    provenance and metrics of the run
 """
 
@@ -28,6 +34,7 @@ import csv
 import hashlib
 import json
 import math
+import re
 import shutil
 from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
@@ -46,7 +53,7 @@ from slmforge.modeldir import ModelDir, save_model_dir
 from slmforge.tokenizer import Tokenizer
 from slmforge.train.loop import TrainConfig, read_metrics, train
 
-TASKS = ("lm", "chat", "classify")
+TASKS = ("lm", "chat", "classify", "tag")
 MODES = ("full", "lora")
 HEADS = ("generative", "classifier")
 CLASS_WEIGHTS = ("none", "balanced")
@@ -54,12 +61,14 @@ SELECT_METRICS = ("accuracy", "macro_f1")
 ROLES = ("system", "user", "assistant")
 CLASSIFY_PROMPT = "{text}\nlabel:"  # generative classification: the completion is " " + label
 HEAD_FILE = "classifier_head.safetensors"
+TAGS = ("O", "B", "I")  # tag: outside, beginning and inside of a phrase occurrence
+TAGGER_HEAD_FILE = "tagger_head.safetensors"
 IGNORE = -100
 
 
 @dataclass
 class FinetuneConfig:
-    task: str = "lm"  # lm | chat | classify
+    task: str = "lm"  # lm | chat | classify | tag
     mode: str = "full"  # full | lora
     head: str = "generative"  # classify only: generative | classifier
     labels: list[str] | None = None  # classify: the label set (default: the labels seen in train, sorted)
@@ -98,12 +107,20 @@ class FinetuneConfig:
     def classifier_head(self) -> bool:
         return self.task == "classify" and self.head == "classifier"
 
+    @property
+    def best_metric(self) -> tuple[str, str]:
+        """The val metric that picks the kept weights, and whether higher ("max") or lower is better."""
+        if self.task == "classify":
+            return f"val_{self.select_metric}", "max"
+        return ("val_tag_f1", "max") if self.task == "tag" else ("val_loss", "min")
+
 
 @dataclass
 class Example:
     ids: list[int]
     answer: list[bool]  # per token: is it part of the answer (the loss is taken on these)
     label: int | None = None  # classify: index into the label set
+    tags: list[int] | None = None  # tag: per token an index into TAGS, or IGNORE (bos)
     where: str = ""  # file:line, for messages
 
 
@@ -168,6 +185,23 @@ def _messages_of(where: str, rec: dict) -> list[dict]:
     return msgs
 
 
+def tag_text(where: str, rec: dict) -> str:
+    """The text of a tag row: "text", or "prompt" when there is no "text" (inspec's rows)."""
+    return _text_field(where, rec, "text" if "text" in rec or "prompt" not in rec else "prompt")
+
+
+def _tag_fields(where: str, rec: dict) -> tuple[str, list[str]]:
+    """(text, phrases) of a tag row; inspec's prompt/keyphrases rows are read as text/phrases."""
+    text = tag_text(where, rec)
+    name = "phrases" if "phrases" in rec or "keyphrases" not in rec else "keyphrases"
+    phrases = rec.get(name)
+    if phrases is None:
+        raise SlmforgeError(f"{where}: missing field 'phrases'")
+    if not isinstance(phrases, list) or not all(isinstance(x, str) for x in phrases):
+        raise SlmforgeError(f"{where}: field '{name}' must be a list of strings")
+    return text, phrases
+
+
 def label_set(records: list[tuple[str, dict]], given: list[str] | None) -> list[str]:
     """The labels: as given, or those seen in train (sorted, numerically when they are all integers)."""
     if given:
@@ -224,10 +258,53 @@ def chat_segments(tok: Tokenizer, messages: list[dict], where: str) -> list[tupl
     return segments + ([(rest, False)] if rest else [])
 
 
+def phrase_spans(text: str, phrases: list[str]) -> list[tuple[int, int]]:
+    """Character spans of every occurrence of the phrases in text: case-insensitive, at word boundaries,
+    any whitespace between words. Overlapping occurrences keep the longer one (then the earlier)."""
+    found = []
+    for ph in phrases:
+        words = ph.split()
+        if not words:
+            continue
+        pattern = r"(?<!\w)" + r"\s+".join(map(re.escape, words)) + r"(?!\w)"
+        found += [(m.start(), m.end()) for m in re.finditer(pattern, text, re.IGNORECASE)]
+    kept: list[tuple[int, int]] = []
+    for s, e in sorted(set(found), key=lambda se: (se[0] - se[1], se[0])):
+        if all(e <= ks or s >= ke for ks, ke in kept):
+            kept.append((s, e))
+    return sorted(kept)
+
+
+def bio_tags(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
+    """Per token an index into TAGS: B for the first token that overlaps a span, I for the rest of that
+    span's tokens, O elsewhere. Empty offsets (bos) get IGNORE."""
+    tags, j, prev = [], 0, -1  # spans are sorted and disjoint: walk them with the tokens
+    for s, e in offsets:
+        if s == e:
+            tags.append(IGNORE)
+            continue
+        while j < len(spans) and spans[j][1] <= s:
+            j += 1
+        if j < len(spans) and spans[j][0] < e:
+            tags.append(TAGS.index("I") if prev == j else TAGS.index("B"))
+            prev = j
+        else:
+            tags.append(TAGS.index("O"))
+    return tags
+
+
+def tag_example(tok: Tokenizer, text: str, phrases: list[str], seq_len: int, where: str = "") -> Example:
+    """bos + the text's tokens, cut to seq_len from the right (the beginning is kept), with BIO tags."""
+    ids, offsets = tok.encode_with_offsets(text, bos=True)
+    ids, offsets = ids[:seq_len], offsets[:seq_len]
+    return Example(ids, [False] * len(ids), tags=bio_tags(offsets, phrase_spans(text, phrases)), where=where)
+
+
 def encode_records(records: list[tuple[str, dict]], tok: Tokenizer, cfg: FinetuneConfig, seq_len: int,
                    labels: list[str] | None = None) -> list[Example]:
     """Validate and tokenise records for cfg.task. LM-style examples hold up to seq_len + 1 tokens (inputs
-    and shifted targets); classifier-head examples hold up to seq_len tokens ending in eos."""
+    and shifted targets); classifier-head examples hold up to seq_len tokens ending in eos; tag examples
+    up to seq_len tokens."""
     out = []
     index = {lab: i for i, lab in enumerate(labels or [])}
     for where, rec in records:
@@ -239,6 +316,8 @@ def encode_records(records: list[tuple[str, dict]], tok: Tokenizer, cfg: Finetun
         elif cfg.task == "chat":
             msgs = _messages_of(where, rec)
             out.append(_segments_to_example(tok, chat_segments(tok, msgs, where), seq_len + 1, where))
+        elif cfg.task == "tag":
+            out.append(tag_example(tok, *_tag_fields(where, rec), seq_len, where))
         else:
             text, label = _text_field(where, rec, "text"), _label_of(where, rec)
             if label not in index:
@@ -288,6 +367,22 @@ def collate(examples: list[Example], pad_id: int, classifier: bool) -> dict[str,
     return {"x": x, "y": y}
 
 
+def collate_tags(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch for the tagger: x = ids, tags with IGNORE on padding."""
+    T = max(len(e.ids) for e in examples)
+    x = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    tags = torch.full((len(examples), T), IGNORE, dtype=torch.long)
+    for r, e in enumerate(examples):
+        x[r, :len(e.ids)] = torch.tensor(e.ids)
+        tags[r, :len(e.ids)] = torch.tensor(e.tags)
+    return {"x": x, "tags": tags}
+
+
+def make_batch(examples: list[Example], pad_id: int, cfg: FinetuneConfig) -> dict[str, torch.Tensor]:
+    """The batch cfg's model and loss take."""
+    return collate_tags(examples, pad_id) if cfg.task == "tag" else collate(examples, pad_id, cfg.classifier_head)
+
+
 @lru_cache(maxsize=4)
 def _epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
@@ -326,6 +421,27 @@ class SequenceClassifier(nn.Module):
         return self.score(pooled)
 
 
+class TokenTagger(nn.Module):
+    """A language model plus a linear head on every token's final hidden state (`score`, as in transformers'
+    LlamaForTokenClassification). The model is causal: a token's tag sees only the text up to it."""
+
+    def __init__(self, lm: nn.Module, n_tags: int = len(TAGS)):
+        super().__init__()
+        self.lm = lm
+        self.score = nn.Linear(base_model(lm).config.hidden_size, n_tags, bias=False)
+        nn.init.normal_(self.score.weight, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.score(base_model(self.lm).hidden_states(x))
+
+
+def wrap_model(lm: nn.Module, cfg: FinetuneConfig, labels: list[str] | None) -> nn.Module:
+    """The model cfg trains: the language model itself, or it with a classifier or tagger head."""
+    if cfg.classifier_head:
+        return SequenceClassifier(lm, len(labels or []))
+    return TokenTagger(lm) if cfg.task == "tag" else lm
+
+
 def apply_lora(model: LlamaModel, r: int, alpha: int, dropout: float, targets: list[str]) -> nn.Module:
     """Wrap in a peft PeftModel: frozen base, trainable low-rank adapters on the named linear layers."""
     from peft import LoraConfig, get_peft_model
@@ -343,6 +459,26 @@ def lm_loss(model: nn.Module, batch: dict) -> torch.Tensor:
 
 def classifier_loss(model: nn.Module, batch: dict) -> torch.Tensor:
     return F.cross_entropy(model(batch["x"], batch["last"]).float(), batch["label"], weight=batch.get("weight"))
+
+
+def tagger_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    logits = model(batch["x"]).float()
+    return F.cross_entropy(logits.flatten(0, 1), batch["tags"].flatten(), ignore_index=IGNORE)
+
+
+def loss_fn_of(cfg: FinetuneConfig):
+    if cfg.task == "tag":
+        return tagger_loss
+    return classifier_loss if cfg.classifier_head else lm_loss
+
+
+def tag_f1(pred: torch.Tensor, gold: torch.Tensor) -> float:
+    """Token-level F1 of the phrase tags: a token counts when its predicted tag equals a gold B or I.
+    IGNORE positions (bos, padding) are left out."""
+    real = gold != IGNORE
+    pred_pos, gold_pos = (pred != 0) & real, (gold > 0) & real
+    denom = pred_pos.sum().item() + gold_pos.sum().item()
+    return 2 * (gold_pos & (pred == gold)).sum().item() / denom if denom else 0.0
 
 
 def balanced_class_weights(examples: list[Example], n_labels: int) -> torch.Tensor:
@@ -409,6 +545,39 @@ def classifier_logits(model: SequenceClassifier, tok: Tokenizer, texts: list[str
         batch = collate(encode_records(recs, tok, cfg, seq_len, ["_"]), pad_id_of(tok), classifier=True)
         out.append(model(batch["x"].to(dev), batch["last"].to(dev)).float().cpu())
     return torch.cat(out)
+
+
+@torch.no_grad()
+def tag_probs(model: TokenTagger, tok: Tokenizer, texts: list[str], seq_len: int,
+              batch_size: int = 16) -> list[tuple[list[tuple[int, int]], torch.Tensor]]:
+    """Per text: the character span of each token the tagger saw (the first seq_len - 1 after bos) and the
+    (tokens, 3) probabilities of O, B, I at those tokens."""
+    dev = model.score.weight.device
+    out = []
+    for s in range(0, len(texts), batch_size):
+        encoded = [tok.encode_with_offsets(t, bos=True) for t in texts[s:s + batch_size]]
+        exs = [Example(ids[:seq_len], [], tags=[IGNORE] * len(ids[:seq_len])) for ids, _ in encoded]
+        probs = torch.softmax(model(collate_tags(exs, pad_id_of(tok))["x"].to(dev)).float(), -1).cpu()
+        for (ids, offsets), p in zip(encoded, probs, strict=True):
+            n = min(len(ids), seq_len)
+            start = 1 if tok.bos_id is not None else 0  # bos is not part of the text
+            out.append((offsets[start:n], p[start:n]))
+    return out
+
+
+def load_tagger(model_dir: str | Path) -> tuple[TokenTagger, Tokenizer, dict]:
+    """A fine-tuned tagger directory: (TokenTagger with the saved head, tokenizer, slmforge.json 'tagger')."""
+    md = ModelDir.open(model_dir)
+    info = md.meta.get("tagger")
+    if not info:
+        raise SlmforgeError(f"{md.path / 'slmforge.json'}: no 'tagger' entry (not a fine-tuned tagger: "
+                            f"finetune --task tag)")
+    head_path = md.path / TAGGER_HEAD_FILE
+    if not head_path.is_file():
+        raise SlmforgeError(f"{head_path}: missing (slmforge.json has a 'tagger' entry)")
+    model = TokenTagger(md.load_model(), len(info["labels"]))
+    model.score.load_state_dict({"weight": load_file(str(head_path))["score.weight"]})
+    return model.eval(), md.load_tokenizer(), info
 
 
 def load_classifier(model_dir: str | Path) -> tuple[nn.Module, Tokenizer, dict]:
@@ -504,17 +673,17 @@ def finetune(
     val_recs = val_recs[:cfg.max_val_examples]
     train_ex = encode_records(train_recs, tok, cfg, seq_len, labels)
     val_ex = encode_records(val_recs, tok, cfg, seq_len, labels)
-    if not cfg.classifier_head:
+    if cfg.task in ("lm", "chat") or (cfg.task == "classify" and not cfg.classifier_head):
         empty = next((e for e in train_ex if sum(e.answer[1:]) == 0), None)
         if empty is not None:
             raise SlmforgeError(f"{empty.where}: no answer tokens left after truncation to seq_len {seq_len}")
 
-    # Model: full or LoRA, with or without a classifier head.
+    # Model: full or LoRA, with or without a classifier or tagger head.
     torch.manual_seed(train_cfg.seed)  # LoRA and head initialisation
     lm: nn.Module = md.load_model().train()
     if cfg.mode == "lora":
         lm = apply_lora(lm, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
-    model = SequenceClassifier(lm, len(labels)) if cfg.classifier_head else lm
+    model = wrap_model(lm, cfg, labels)
     trainable, total = count_params(model)
 
     bs, pad = train_cfg.batch_size, pad_id_of(tok)
@@ -522,19 +691,28 @@ def finetune(
     weight = balanced_class_weights(train_ex, len(labels)) if cfg.class_weights == "balanced" else None
 
     def get_batch(i: int) -> dict:
-        batch = collate([train_ex[j] for j in batch_indices(i, len(train_ex), bs, train_cfg.seed)], pad,
-                        cfg.classifier_head)
+        batch = make_batch([train_ex[j] for j in batch_indices(i, len(train_ex), bs, train_cfg.seed)], pad, cfg)
         return batch if weight is None else batch | {"weight": weight}
 
-    val_batches = [collate(val_ex[s:s + bs], pad, cfg.classifier_head) for s in range(0, len(val_ex), bs)]
+    val_batches = [make_batch(val_ex[s:s + bs], pad, cfg) for s in range(0, len(val_ex), bs)]
     texts = [r["text"] for _, r in val_recs] if cfg.task == "classify" else []
     gold = torch.tensor([e.label for e in val_ex]) if cfg.task == "classify" else None
 
+    @torch.no_grad()
+    def tag_eval() -> dict:
+        dev = model.score.weight.device
+        pred = [model(b["x"].to(dev)).argmax(-1).cpu().flatten() for b in val_batches]
+        return {"val_tag_f1": tag_f1(torch.cat(pred), torch.cat([b["tags"].flatten() for b in val_batches]))}
+
     def on_eval(step: int, val_loss: float) -> dict | None:
-        if cfg.task != "classify" or not val_ex:
+        if cfg.task not in ("classify", "tag") or not val_ex:
             return None
         was_training = model.training
         model.eval()
+        if cfg.task == "tag":
+            metrics = tag_eval()
+            model.train(was_training)
+            return metrics
         if cfg.classifier_head:
             scores = classifier_logits(model, tok, texts, seq_len, bs)
         else:
@@ -545,12 +723,11 @@ def finetune(
                 "val_macro_f1": macro_f1(pred, gold, len(labels))}
 
     if val_ex and train_cfg.best_metric is None:  # keep the best evaluation's weights
-        train_cfg = replace(train_cfg, **({"best_metric": f"val_{cfg.select_metric}", "best_mode": "max"}
-                                          if cfg.task == "classify" else {"best_metric": "val_loss", "best_mode": "min"}))
+        train_cfg = replace(train_cfg, best_metric=cfg.best_metric[0], best_mode=cfg.best_metric[1])
     if not val_ex and train_cfg.patience:
         raise SlmforgeError("early stopping (patience) needs validation data: give a val file or val_fraction > 0")
     result = train(model, get_batch, train_cfg, out, (lambda: val_batches) if val_ex else None,
-                   on_eval=on_eval, loss_fn=classifier_loss if cfg.classifier_head else lm_loss, resume=resume)
+                   on_eval=on_eval, loss_fn=loss_fn_of(cfg), resume=resume)
     model.cpu().eval()
 
     # Metrics of the weights we keep (the best evaluation's, restored by train()).
@@ -561,6 +738,7 @@ def finetune(
         "val_loss": best_row.get("val_loss", result.val_loss),
         "val_accuracy": best_row.get("val_accuracy"),
         "val_macro_f1": best_row.get("val_macro_f1"),
+        "val_tag_f1": best_row.get("val_tag_f1"),
         "best_step": result.best_step, "steps": result.step, "stopped_early": result.stopped_early,
         "train_tokens": result.tokens, "tokens_per_s": round(result.tokens_per_s, 1),
         "train_time_s": round(result.train_time_s, 2),
@@ -582,39 +760,47 @@ def finetune(
     if cfg.task == "classify":
         meta["classifier"] = {"head": cfg.head, "labels": labels, "seq_len": seq_len, "pooling": "last_token",
                               "prompt": CLASSIFY_PROMPT if cfg.head == "generative" else None}
+    if cfg.task == "tag":  # phrases absent from their text (many in Inspec) cannot be tagged: say how many
+        pairs = [_tag_fields(w, r) for w, r in train_recs]
+        n_phrases = sum(len(set(map(str.lower, ph))) for _, ph in pairs)
+        found = sum(1 for text, ph in pairs for x in set(map(str.lower, ph)) if phrase_spans(text, [x]))
+        meta["tagger"] = {"labels": list(TAGS), "seq_len": seq_len,
+                          "train_phrases_in_text_pct": round(100 * found / max(n_phrases, 1), 2)}
 
-    head = model.score if cfg.classifier_head else None
+    head = model.score if cfg.classifier_head or cfg.task == "tag" else None
+    head_file = TAGGER_HEAD_FILE if cfg.task == "tag" else HEAD_FILE
     written = {}
     if cfg.mode == "lora":
         def write_adapter(d: Path) -> None:
             lm.save_pretrained(str(d))
             if head is not None:
-                _save_head(head, d / HEAD_FILE)
+                _save_head(head, d / head_file)
             write_json(d / "slmforge.json", meta)
 
         written["adapter"] = str(_write_dir_atomically(out / "adapter", write_adapter))
         if cfg.merge:
             written["model"] = str(_save_model(out / "model", lm.merge_and_unload(), tok, head,
-                                               {**meta, "merged_lora": True}, cfg.dtype))
+                                               {**meta, "merged_lora": True}, cfg.dtype, head_file))
     else:
-        written["model"] = str(_save_model(out / "model", lm, tok, head, meta, cfg.dtype))
+        written["model"] = str(_save_model(out / "model", lm, tok, head, meta, cfg.dtype, head_file))
     summary = {**meta, "outputs": written}
     write_json(out / "finetune.json", summary)
     return summary
 
 
-def _save_model(out: Path, lm: LlamaModel, tok: Tokenizer, head: nn.Linear | None, meta: dict, dtype: str) -> Path:
+def _save_model(out: Path, lm: LlamaModel, tok: Tokenizer, head: nn.Linear | None, meta: dict, dtype: str,
+                head_file: str = HEAD_FILE) -> Path:
     def write(d: Path) -> None:
         save_model_dir(d, lm, tok, meta, dtype=dtype)
         if head is not None:
-            _save_head(head, d / HEAD_FILE)
+            _save_head(head, d / head_file)
 
     return _write_dir_atomically(out, write)
 
 
 def merge_lora(model_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, dtype: str = "float32") -> Path:
     """Fold a LoRA adapter into its base model (peft merge_and_unload) and write a plain model directory;
-    a classifier head saved with the adapter comes along."""
+    a classifier or tagger head saved with the adapter comes along."""
     from peft import PeftModel
 
     adapter = Path(adapter_dir)
@@ -630,8 +816,9 @@ def merge_lora(model_dir: str | Path, adapter_dir: str | Path, out_dir: str | Pa
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     meta.update(stage="merge-lora", merged_lora=True, adapter=str(adapter.resolve()),
                 parent={**meta.get("parent", {}), "path": str(md.path.resolve())})
-    head = None
-    if (adapter / HEAD_FILE).is_file():
-        head = nn.Linear(md.config.hidden_size, len(meta["classifier"]["labels"]), bias=False)
-        head.weight.data = load_file(str(adapter / HEAD_FILE))["score.weight"]
-    return _save_model(Path(out_dir), merged, md.load_tokenizer(), head, meta, dtype)
+    head, head_file = None, HEAD_FILE
+    for name, entry in ((HEAD_FILE, "classifier"), (TAGGER_HEAD_FILE, "tagger")):
+        if (adapter / name).is_file():
+            head, head_file = nn.Linear(md.config.hidden_size, len(meta[entry]["labels"]), bias=False), name
+            head.weight.data = load_file(str(adapter / name))["score.weight"]
+    return _save_model(Path(out_dir), merged, md.load_tokenizer(), head, meta, dtype, head_file)
