@@ -8,7 +8,8 @@ a report comparing ways of getting there:
     pretrain    a small Llama pretrained on that same text (no external weights)
     scratch     the same architecture, randomly initialised (the from-scratch baseline)
     variants    fine-tune runs: from scratch / from the pretrained model / LoRA / from another variant
-    predict     each variant on the test file (slmforge predict)
+    predict     each variant on the test file (slmforge predict; a variant may override the recipe's
+                predict section, e.g. a keyphrase tagger that extracts where the others generate)
     eval        evaluate_predictions -> metrics.json per variant
     report      out/report.md + out/report.json (params, trainable params, train time, quality), and
                 out/model: a copy of the best variant's model directory
@@ -78,7 +79,7 @@ class PretrainSpec:
 
 @dataclass
 class FinetuneSpec:
-    task: str = "lm"  # lm | chat | classify
+    task: str = "lm"  # lm | chat | classify | tag
     train: str = "train.jsonl"  # relative to the data folder
     val: str | None = None  # default: val.jsonl when the loader wrote one, else val_fraction of train
     mode: str = "full"  # full | lora
@@ -103,22 +104,24 @@ class FinetuneSpec:
 
 
 @dataclass
-class VariantSpec:
-    name: str
-    init: str = "pretrained"  # scratch | pretrained | variant:<name>
-    finetune: FinetuneSpec | None = None  # None: evaluate the init model as it is
-    note: str = ""
-
-
-@dataclass
 class PredictSpec:
-    mode: str = "generate"  # classify | generate | deeplog
+    mode: str = "generate"  # classify | generate | deeplog | extract
     max_tokens: int = 64
     stop: list[str] = field(default_factory=list)
     batch_size: int = 16
     top_g: int = 9
+    top_k: int = 10  # extract: keyphrases per document
     limit: int | None = None  # predict only the first N test rows
     labels: list[str] | None = None
+
+
+@dataclass
+class VariantSpec:
+    name: str
+    init: str = "pretrained"  # scratch | pretrained | variant:<name>
+    finetune: FinetuneSpec | None = None  # None: evaluate the init model as it is
+    predict: PredictSpec | None = None  # None: the recipe's predict section
+    note: str = ""
 
 
 @dataclass
@@ -276,6 +279,7 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     check(recipe.data.loader in (*LOADERS, "support_chat"), raw["data"], "loader",
           f"unknown loader {recipe.data.loader!r} (one of {', '.join((*LOADERS, 'support_chat'))})")
     check(recipe.predict.mode in MODES, raw["predict"], "mode", f"one of {', '.join(MODES)}")
+    check(recipe.predict.top_k > 0, raw["predict"], "top_k", "must be > 0")
     check(recipe.eval.task in EVAL_TASKS, raw["eval"], "task", f"one of {', '.join(EVAL_TASKS)}")
     if recipe.model:
         check(recipe.model.preset.lower() in PRESET_NAMES, raw["model"], "preset",
@@ -297,6 +301,14 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
             check(v.finetune.mode in FT_MODES, fm, "mode", f"one of {', '.join(FT_MODES)}")
             check(v.finetune.head in HEADS, fm, "head", f"one of {', '.join(HEADS)}")
             check(v.finetune.minutes > 0 and v.finetune.epochs > 0, fm, "minutes", "minutes and epochs must be > 0")
+        if v.predict:
+            check(v.predict.mode in MODES, m["predict"], "mode", f"one of {', '.join(MODES)}")
+            check(v.predict.top_k > 0, m["predict"], "top_k", "must be > 0")
+        if v.finetune:  # a tagger extracts, and only a tagger can
+            extract = (v.predict or recipe.predict).mode == "extract"
+            check(extract == (v.finetune.task == "tag"), m, "predict",
+                  "finetune task tag needs predict mode extract (give the variant predict: {mode: extract})"
+                  if not extract else "predict mode extract needs finetune task tag")
         seen.add(v.name)
     if recipe.pretrain:
         check(recipe.model is not None, raw, "pretrain", "needs a 'model' section")
@@ -468,15 +480,12 @@ def _finetune(recipe: Recipe, v: VariantSpec, init: Path, data: Path, out: Path,
         labels = ft.label_set(recs, s.labels) if s.task == "classify" else None
         rng = np.random.default_rng(recipe.seed)
         sample = [recs[i] for i in rng.choice(len(recs), min(len(recs), s.batch_size), replace=False)]
-        batch = ft.collate(ft.encode_records(sample, tok, cfg, seq_len, labels), ft.pad_id_of(tok),
-                           cfg.classifier_head)
+        batch = ft.make_batch(ft.encode_records(sample, tok, cfg, seq_len, labels), ft.pad_id_of(tok), cfg)
         torch.manual_seed(recipe.seed)
         lm = md.load_model().train()
         if s.mode == "lora":
             lm = ft.apply_lora(lm, s.lora_r, s.lora_alpha, 0.0, s.lora_targets)
-        model = ft.SequenceClassifier(lm, len(labels)) if cfg.classifier_head else lm
-        step_s = _probe_seconds(model, ft.classifier_loss if cfg.classifier_head else ft.lm_loss, batch,
-                                s.precision)
+        step_s = _probe_seconds(ft.wrap_model(lm, cfg, labels), ft.loss_fn_of(cfg), batch, s.precision)
         steps = _steps_for(s.minutes * scale, step_s * 1.15,  # + evaluations on val
                            s.epochs * n_train / s.batch_size, s.max_steps)
         return {"max_steps": steps, "probe_step_s": round(step_s, 4), "minutes": s.minutes * scale,
@@ -484,7 +493,7 @@ def _finetune(recipe: Recipe, v: VariantSpec, init: Path, data: Path, out: Path,
 
     plan = _plan(out / "plan.json", make_plan)
     steps = plan["max_steps"]
-    best = (f"val_{s.select_metric}", "max") if s.task == "classify" else ("val_loss", "min")
+    best = cfg.best_metric
     tcfg = TrainConfig(max_steps=steps, batch_size=s.batch_size, seq_len=seq_len, lr=s.lr, min_lr=s.lr / 10,
                        warmup_steps=max(steps // 20, 1), weight_decay=s.weight_decay, precision=s.precision,
                        eval_every=min(s.eval_every, steps), ckpt_every=min(max(s.eval_every, 50), steps),
@@ -505,13 +514,14 @@ def _variant_row(recipe: Recipe, v: VariantSpec, vdir: Path, pre: dict | None, r
         init_cost = rows[v.init.split(":", 1)[1]]["total_train_s"]
     row = {"variant": v.name, "init": v.init, "note": v.note,
            "mode": v.finetune.mode if v.finetune else "-",
-           "head": v.finetune.head if v.finetune and v.finetune.task == "classify" else "-"}
+           "head": (v.finetune.head if v.finetune.task == "classify" else "tagger" if v.finetune.task == "tag"
+                    else "-") if v.finetune else "-"}
     if ftj:
         m = ftj["metrics"]
         row |= {"params": m["total_params"], "trainable_params": m["trainable_params"],
                 "finetune_s": m["train_time_s"], "steps": m["steps"], "best_step": m["best_step"],
                 "val_loss": m.get("val_loss"), "val_accuracy": m.get("val_accuracy"),
-                "val_macro_f1": m.get("val_macro_f1")}
+                "val_macro_f1": m.get("val_macro_f1"), "val_tag_f1": m.get("val_tag_f1")}
     else:
         from slmforge.modeldir import ModelDir
 
@@ -623,11 +633,11 @@ def run_recipe(recipe_path: str | Path, out: str | Path | None = None, data_dir:
         timings[f"{v.name}.finetune_s"] = time.time() - t
 
         t = time.time()
-        p = recipe.predict
+        p = v.predict or recipe.predict
         if _stage(f"{v.name}: predict {recipe.data.test}", (vdir / "predictions.jsonl").is_file()):
             stats = predict_file(vdir / "model", p.mode, test_path, vdir / "predictions.jsonl",
                                  labels=p.labels, max_tokens=p.max_tokens, stop=p.stop, batch_size=p.batch_size,
-                                 top_g=p.top_g, limit=p.limit, progress=console.is_terminal)
+                                 top_g=p.top_g, top_k=p.top_k, limit=p.limit, progress=console.is_terminal)
             write_json(vdir / "predict.json", stats)
         timings[f"{v.name}.predict_s"] = time.time() - t
         if _stage(f"{v.name}: evaluate", (vdir / "metrics.json").is_file()):

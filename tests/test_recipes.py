@@ -29,6 +29,21 @@ def _sst2_like(root, n=60, seed=0):
     return root
 
 
+def _inspec_like(root, n=30, seed=0):
+    """A miniature shared-data folder with keyphrase/Inspec.zip: title + abstract per document, and its
+    keyphrases (invented words that occur in the abstract, and one that does not)."""
+    import zipfile
+
+    rng = random.Random(seed)
+    (root / "keyphrase").mkdir(parents=True)
+    with zipfile.ZipFile(root / "keyphrase" / "Inspec.zip", "w") as z:
+        for i in range(1, n + 1):
+            words = ["Q" + "".join(rng.choice("aeiou") + rng.choice("rlnm") for _ in range(2)) for _ in range(2)]
+            z.writestr(f"Inspec/docsutf8/{i}.txt", f"On {words[0]}\n\tWe study {words[0]} and {words[1]} here.\n")
+            z.writestr(f"Inspec/keys/{i}.key", f"{words[0]}\n{words[1]}\nabsent phrase\n")
+    return root
+
+
 def _recipe(tmp_path, text):
     path = tmp_path / "mini.yaml"
     path.write_text(text)
@@ -92,6 +107,35 @@ eval: {{task: summarization, metric: rougeL}}
     assert all(r["completion"] and isinstance(r["prediction"], str) for r in rows)  # the reference turn
 
 
+def test_mini_keyphrase_recipe_with_a_tagger_variant(tmp_path):
+    data = _inspec_like(tmp_path / "shared")
+    recipe = _recipe(tmp_path, f"""name: mini-inspec
+data: {{loader: inspec, options: {{n_test: 6}}}}
+{TINY_MODEL}pretrain: {{minutes: 0.05, max_steps: 3, batch_size: 4, seq_len: 32}}
+variants:
+  - name: scratch
+    init: scratch
+    finetune: {{task: lm, max_steps: 2, batch_size: 4, seq_len: 48}}
+  - name: pretrained-tagger
+    init: pretrained
+    finetune: {{task: tag, max_steps: 3, batch_size: 4, seq_len: 63, eval_every: 2}}
+    predict: {{mode: extract, top_k: 4}}
+predict: {{mode: generate, max_tokens: 6, stop: ["\\n"], batch_size: 4}}
+eval: {{task: keyphrase, metric: macro_f1@5}}
+""")
+    out = tmp_path / "run"
+    report = run_recipe(recipe, out, data)
+    scratch, tagger = report["variants"]
+    assert tagger["head"] == "tagger" and tagger["steps"] == 3 and tagger["val_tag_f1"] is not None
+    assert scratch["head"] == "-" and all(v["metrics"]["n"] == 6 for v in report["variants"])
+    rows = [json.loads(x) for x in (out / "variants/pretrained-tagger/predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and all(1 <= len(r["prediction"].split("; ")) <= 4 and r["keyphrases"] for r in rows)
+    assert (out / "variants/pretrained-tagger/model/tagger_head.safetensors").is_file()
+    assert json.loads((out / "variants/pretrained-tagger/predict.json").read_text())["mode"] == "extract"
+    assert json.loads((out / "variants/scratch/predict.json").read_text())["mode"] == "generate"
+    assert "| pretrained-tagger | pretrained | full | tagger |" in (out / "report.md").read_text()
+
+
 @pytest.mark.parametrize("text, message", [
     ("name: x\ndata: {loader: sst2\n", r"mini.yaml:\d: invalid YAML"),
     ("name: x\ndata: {loader: sst2}\nvariants: []\npredict: {mode: classify}\neval: {task: classification,"
@@ -106,6 +150,12 @@ eval: {{task: summarization, metric: rougeL}}
      r"mini.yaml:7: field 'init': 'variant:zzz': no earlier variant"),
     ("name: x\nvariants: [{name: a}]\npredict: {mode: classify}\neval: {task: classification, metric: a}\n",
      r"mini.yaml:1: missing field 'data'"),
+    ("name: x\ndata: {loader: inspec}\n" + TINY_MODEL + "variants:\n  - name: a\n    init: scratch\n"
+     "    finetune: {task: tag}\npredict: {mode: generate}\neval: {task: keyphrase, metric: macro_f1@5}\n",
+     r"mini.yaml:6: field 'predict': finetune task tag needs predict mode extract"),
+    ("name: x\ndata: {loader: inspec}\n" + TINY_MODEL + "variants:\n  - name: a\n    init: scratch\n"
+     "    finetune: {task: lm}\n    predict: {mode: extract, top_k: 0}\npredict: {mode: generate}\n"
+     "eval: {task: keyphrase, metric: macro_f1@5}\n", r"mini.yaml:9: field 'top_k': must be > 0"),
 ])
 def test_bad_recipe_is_one_error_with_file_and_line(tmp_path, text, message):
     with pytest.raises(SlmforgeError, match=message):
