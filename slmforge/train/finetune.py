@@ -368,8 +368,9 @@ def collate(examples: list[Example], pad_id: int, classifier: bool) -> dict[str,
 
 
 def collate_tags(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch for the tagger: x = ids, tags with IGNORE on padding."""
-    T = max(len(e.ids) for e in examples)
+    """Right-padded batch for the tagger: x = ids, tags with IGNORE on padding; one pad column more than the
+    longest row, the next token every last real token looks ahead to (TokenTagger)."""
+    T = max(len(e.ids) for e in examples) + 1
     x = torch.full((len(examples), T), pad_id, dtype=torch.long)
     tags = torch.full((len(examples), T), IGNORE, dtype=torch.long)
     for r, e in enumerate(examples):
@@ -422,17 +423,21 @@ class SequenceClassifier(nn.Module):
 
 
 class TokenTagger(nn.Module):
-    """A language model plus a linear head on every token's final hidden state (`score`, as in transformers'
-    LlamaForTokenClassification). The model is causal: a token's tag sees only the text up to it."""
+    """A language model plus a linear head on every token's final hidden state and the next token's (`score`).
+    The model is causal, so a token's own state cannot tell whether the phrase it starts goes on; the next
+    token's state can (one token of lookahead). Batches end in a pad column (collate_tags), so every real
+    token has a next state and a row's tags do not depend on the batch it is in."""
 
     def __init__(self, lm: nn.Module, n_tags: int = len(TAGS)):
         super().__init__()
         self.lm = lm
-        self.score = nn.Linear(base_model(lm).config.hidden_size, n_tags, bias=False)
+        self.score = nn.Linear(2 * base_model(lm).config.hidden_size, n_tags, bias=False)
         nn.init.normal_(self.score.weight, std=0.02)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.score(base_model(self.lm).hidden_states(x))
+        h = base_model(self.lm).hidden_states(x)
+        ahead = torch.cat([h[:, 1:], torch.zeros_like(h[:, :1])], dim=1)
+        return self.score(torch.cat([h, ahead], dim=-1))
 
 
 def wrap_model(lm: nn.Module, cfg: FinetuneConfig, labels: list[str] | None) -> nn.Module:
@@ -652,9 +657,9 @@ def finetune(
     tok = md.load_tokenizer()
     out = Path(out_dir)
     seq_len = train_cfg.seq_len
-    if seq_len > md.config.max_position_embeddings:
+    if seq_len + (cfg.task == "tag") > md.config.max_position_embeddings:  # a tag batch ends in a pad column
         raise SlmforgeError(f"seq_len {seq_len} exceeds the model's context (max_position_embeddings "
-                            f"{md.config.max_position_embeddings})")
+                            f"{md.config.max_position_embeddings}{'; task tag takes one token more' if cfg.task == 'tag' else ''})")
     if cfg.task == "chat" and not tok.chat_template:
         raise SlmforgeError(f"{md.path}: the tokenizer has no chat template; use --task lm with prompt/completion")
 
