@@ -27,6 +27,22 @@ def small_corpus(n: int = 300, seed: int = 0) -> list[str]:
                      for _ in range(rng.randint(2, 6))) for _ in range(n)]
 
 
+TINY_LLAMA = dict(vocab_size=320, hidden_size=32, intermediate_size=86, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64)
+
+
+def save_tiny_llama(path: Path) -> Path:
+    """A random TINY_LLAMA with a small_corpus tokenizer, saved as a model directory (fine-tuning tests)."""
+    from slmforge.config import ModelConfig
+    from slmforge.model import LlamaModel
+    from slmforge.modeldir import save_model_dir
+    from slmforge.tokenizer import train_tokenizer
+
+    model = LlamaModel(ModelConfig(**TINY_LLAMA))
+    model.reset_parameters(seed=0)
+    return save_model_dir(path, model, train_tokenizer(small_corpus(), vocab_size=320), {"stage": "test"})
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     from slmforge.tokenizer import train_tokenizer

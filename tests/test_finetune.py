@@ -12,27 +12,22 @@ import torch
 from typer.testing import CliRunner
 
 import slmforge.train.finetune as ft
-from conftest import small_corpus
+from conftest import TINY_LLAMA, save_tiny_llama
 from slmforge.config import ModelConfig
 from slmforge.errors import SlmforgeError
 from slmforge.model import LlamaModel
-from slmforge.modeldir import ModelDir, save_model_dir
-from slmforge.tokenizer import train_tokenizer
+from slmforge.modeldir import ModelDir
 from slmforge.train.finetune import FinetuneConfig, finetune, merge_lora, predict_labels
 from slmforge.train.loop import TrainConfig, TrainingInterrupted, read_metrics, train
 
-TINY = dict(vocab_size=320, hidden_size=32, intermediate_size=86, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=64)
+TINY = TINY_LLAMA
 FAST = dict(batch_size=16, seq_len=32, lr=3e-3, min_lr=3e-4, warmup_steps=5, threads=1, progress=False,
             log_every=5, ckpt_every=0)
 
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
-    tok = train_tokenizer(small_corpus(), vocab_size=320)
-    model = LlamaModel(ModelConfig(**TINY))
-    model.reset_parameters(seed=0)
-    return save_model_dir(tmp_path_factory.mktemp("base") / "model", model, tok, {"stage": "test"})
+    return save_tiny_llama(tmp_path_factory.mktemp("base") / "model")
 
 
 def _jsonl(path, rows):
