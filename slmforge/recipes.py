@@ -572,7 +572,16 @@ def run_recipe(recipe_path: str | Path, out: str | Path | None = None, data_dir:
     run = Path(out) if out else Path("runs") / recipe.name
     run.mkdir(parents=True, exist_ok=True)
     data = run / "data"
-    timings: dict[str, float] = {}
+    # Stage seconds, summed over the runs that did the work and kept in the run folder, so a resumed run
+    # reports what its stages cost rather than 0 s for the ones an earlier run finished.
+    timings_path = run / "timings.json"
+    timings: dict[str, float] = read_json(timings_path) if timings_path.is_file() else {}
+
+    def timed(key: str, t0: float, was_done: bool) -> None:
+        if not was_done:
+            timings[key] = timings.get(key, 0.0) + time.time() - t0
+            write_json(timings_path, timings)
+
     t_start = time.time()
     chosen = [v for v in recipe.variants if not variants or v.name in variants]
     if variants:
@@ -580,8 +589,8 @@ def run_recipe(recipe_path: str | Path, out: str | Path | None = None, data_dir:
         if unknown:
             raise SlmforgeError(f"{recipe.path}: no variant {unknown[0]!r}")
 
-    t = time.time()
-    if _stage(f"task data ({recipe.data.loader})", (run / "data.json").is_file()):
+    t, was_done = time.time(), (run / "data.json").is_file()
+    if _stage(f"task data ({recipe.data.loader})", was_done):
         if recipe.data.loader == "support_chat":
             from slmforge.data.supportgen import prepare_support_chat
 
@@ -593,23 +602,23 @@ def run_recipe(recipe_path: str | Path, out: str | Path | None = None, data_dir:
     test_path = data / recipe.data.test
     if not test_path.is_file():
         raise SlmforgeError(f"{recipe.path}: field 'data.test': {test_path} was not written by the loader")
-    timings["data_s"] = time.time() - t
+    timed("data_s", t, was_done)
 
     pre = None
     if recipe.model:
-        t = time.time()
-        if _stage(f"in-domain tokenizer ({recipe.model.vocab_size} tokens)", (run / "tokenizer" / "tokenizer.json").is_file()):
+        t, was_done = time.time(), (run / "tokenizer" / "tokenizer.json").is_file()
+        if _stage(f"in-domain tokenizer ({recipe.model.vocab_size} tokens)", was_done):
             files = recipe.pretrain.text_from if recipe.pretrain else ["train.jsonl"]
             texts = [record_text(rec) for f in files for _, rec in _records(data / f)]
             write_json(run / "pretrain_corpus.jsonl.meta", {"files": files, "documents": len(texts)})
             atomic_write_text(run / "pretrain_corpus.jsonl",
                               "".join(json.dumps({"text": x}, ensure_ascii=False) + "\n" for x in texts if x))
             _train_tokenizer(texts, recipe.model.vocab_size, run / "tokenizer")
-        timings["tokenizer_s"] = time.time() - t
+        timed("tokenizer_s", t, was_done)
         if recipe.pretrain:
-            t = time.time()
+            t, was_done = time.time(), (run / "pretrain" / "model" / "model.safetensors").is_file()
             pre = _pretrain(recipe, run, data, minutes_scale)
-            timings["pretrain_s"] = time.time() - t
+            timed("pretrain_s", t, was_done)
 
     rows: dict[str, dict] = {}
     for v in chosen:
@@ -624,22 +633,22 @@ def run_recipe(recipe_path: str | Path, out: str | Path | None = None, data_dir:
             if not (init / "model.safetensors").is_file():
                 raise SlmforgeError(f"{recipe.path}: variant {v.name} starts from {v.init}, which has not run "
                                     f"(run it too)")
-        t = time.time()
+        t, was_done = time.time(), (vdir / ("finetune.json" if v.finetune else "model")).exists()
         if v.finetune is None:
-            if not (vdir / "model").exists():
+            if not was_done:
                 _copy_dir(init, vdir / "model")
-        elif _stage(f"{v.name}: fine-tune ({v.finetune.mode}, from {v.init})", (vdir / "finetune.json").is_file()):
+        elif _stage(f"{v.name}: fine-tune ({v.finetune.mode}, from {v.init})", was_done):
             _finetune(recipe, v, init, data, vdir, minutes_scale)
-        timings[f"{v.name}.finetune_s"] = time.time() - t
+        timed(f"{v.name}.finetune_s", t, was_done)
 
-        t = time.time()
+        t, was_done = time.time(), (vdir / "predictions.jsonl").is_file()
         p = v.predict or recipe.predict
-        if _stage(f"{v.name}: predict {recipe.data.test}", (vdir / "predictions.jsonl").is_file()):
+        if _stage(f"{v.name}: predict {recipe.data.test}", was_done):
             stats = predict_file(vdir / "model", p.mode, test_path, vdir / "predictions.jsonl",
                                  labels=p.labels, max_tokens=p.max_tokens, stop=p.stop, batch_size=p.batch_size,
                                  top_g=p.top_g, top_k=p.top_k, limit=p.limit, progress=console.is_terminal)
             write_json(vdir / "predict.json", stats)
-        timings[f"{v.name}.predict_s"] = time.time() - t
+        timed(f"{v.name}.predict_s", t, was_done)
         if _stage(f"{v.name}: evaluate", (vdir / "metrics.json").is_file()):
             e = recipe.eval
             metrics = evaluate_predictions(e.task, vdir / "predictions.jsonl", labels=e.labels or p.labels,
@@ -664,7 +673,7 @@ def run_recipe(recipe_path: str | Path, out: str | Path | None = None, data_dir:
               "test_file": str(test_path), "pretrain": pre, "variants": list(rows.values()),
               "extras": extras, "minutes_scale": minutes_scale,
               "timings_s": {k: round(x, 1) for k, x in timings.items()},
-              "wall_time_s": round(time.time() - t_start, 1),
+              "wall_time_s": round(time.time() - t_start, 1),  # this run only; timings_s sum over resumes
               "recipe_config": asdict(recipe)}
     write_json(run / "report.json", report)
     atomic_write_text(run / "report.md", report_markdown(report))
@@ -712,6 +721,6 @@ def report_markdown(r: dict) -> str:
         lines.append(f"| {v['variant']} | " + " | ".join(_fmt(v["metrics"].get(k)) for k in keys) + " |")
     for name, extra in r.get("extras", {}).items():
         lines += ["", f"## {name}", "", "```json", json.dumps(extra, indent=2), "```"]
-    lines += ["", "Stage times (s): " + ", ".join(f"{k} {v}" for k, v in r["timings_s"].items()),
-              f"; wall {r['wall_time_s']} s (minutes scale {r['minutes_scale']}).", ""]
+    lines += ["", "Stage times (s, summed over resumed runs): " + ", ".join(f"{k} {v}" for k, v in r["timings_s"].items()),
+              f"; wall of this run {r['wall_time_s']} s (minutes scale {r['minutes_scale']}).", ""]
     return "\n".join(lines)

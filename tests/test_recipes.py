@@ -89,6 +89,10 @@ def test_mini_recipe_end_to_end_and_resume(tmp_path):
     again = run_recipe(recipe, out, data)
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
     assert [v["metric"] for v in again["variants"]] == [v["metric"] for v in report["variants"]]
+    # ...and reports what its stages cost when they ran, not 0 s
+    assert again["timings_s"] == report["timings_s"] and report["timings_s"]["pretrain_s"] > 0
+    assert set(report["timings_s"]) >= {"data_s", "tokenizer_s", "pretrain_s", "scratch.finetune_s",
+                                         "scratch.predict_s", "pretrained-as-is.finetune_s"}
 
 
 def test_mini_generate_recipe_with_generated_support_chat(tmp_path):
