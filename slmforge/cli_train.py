@@ -29,6 +29,8 @@ def finetune(
     lora_dropout: Annotated[float, typer.Option(help="LoRA dropout.")] = 0.05,
     lora_targets: Annotated[str, typer.Option(help="Comma-separated linear layers to adapt.")] = "q_proj,v_proj",
     merge: Annotated[bool, typer.Option(help="LoRA: also write the merged model to out/model.")] = False,
+    base_dtype: Annotated[str, typer.Option(help="LoRA: frozen base weights in float32 or bfloat16 (half the "
+                                                 "memory; needs --precision bf16).")] = "float32",
     epochs: Annotated[float, typer.Option(help="Passes over the training data (when --steps is not given).")] = 3.0,
     steps: Annotated[int | None, typer.Option(help="Optimizer steps (overrides --epochs).")] = None,
     lr: Annotated[float | None, typer.Option(help="Peak learning rate (default 2e-5 full, 1e-3 LoRA).")] = None,
@@ -57,7 +59,8 @@ def finetune(
                          class_weights=class_weights, select_metric=select_metric,
                          lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                          lora_targets=[t.strip() for t in lora_targets.split(",") if t.strip()],
-                         val_fraction=0.0 if val else val_fraction, merge=merge, dtype=dtype)
+                         val_fraction=0.0 if val else val_fraction, merge=merge, dtype=dtype,
+                         base_dtype=base_dtype)
     if steps is None:
         n_train = len(read_records(data)) * (1 if val else 1 - val_fraction)
         steps = max(1, math.ceil(epochs * n_train / (batch_size * grad_accum)))

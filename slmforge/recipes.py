@@ -100,6 +100,7 @@ class FinetuneSpec:
     lora_r: int = 8
     lora_alpha: int = 16
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    base_dtype: str = "float32"  # LoRA: float32 or bfloat16 frozen projections
     precision: str = "bf16"
 
 
@@ -467,7 +468,7 @@ def _finetune(recipe: Recipe, v: VariantSpec, init: Path, data: Path, out: Path,
     md = ModelDir.open(init)
     seq_len = min(s.seq_len, md.config.max_position_embeddings - 1)
     cfg = ft.FinetuneConfig(task=s.task, mode=s.mode, head=s.head, labels=s.labels, class_weights=s.class_weights,
-                            select_metric=s.select_metric, lora_r=s.lora_r,
+                            select_metric=s.select_metric, base_dtype=s.base_dtype, lora_r=s.lora_r,
                             lora_alpha=s.lora_alpha, lora_targets=s.lora_targets,
                             val_fraction=0.0 if val_path else s.val_fraction, merge=s.mode == "lora")
 

@@ -182,6 +182,34 @@ def test_lora_trains_only_adapters_and_merges(tmp_path, base_dir):
     assert ModelDir.open(merged).meta["stage"] == "merge-lora"
 
 
+def test_lora_with_bf16_base_matches_fp32_base_under_autocast(tmp_path, base_dir):
+    """QLoRA's idea at 16 bits: frozen projections stored in bf16. Under bf16 autocast every matmul rounds
+    its fp32 weight to bf16 anyway, so training follows the fp32-base run; the merge uses the fp32 base."""
+    train_f = _jsonl(tmp_path / "train.jsonl", _lm_rows(120))
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        cfg = FinetuneConfig(task="lm", mode="lora", lora_r=4, lora_alpha=8, lora_dropout=0.0,
+                             lora_targets=["q_proj", "v_proj", "down_proj"], merge=True, base_dtype=dtype)
+        finetune(base_dir, train_f, tmp_path / dtype, cfg, TrainConfig(max_steps=30, eval_every=0, **FAST))
+        runs[dtype] = [r["loss"] for r in read_metrics(tmp_path / dtype / "metrics.jsonl") if "loss" in r]
+    assert runs["bfloat16"][-1] < runs["bfloat16"][0] - 0.05, runs
+    assert max(abs(a - b) for a, b in zip(runs["float32"], runs["bfloat16"], strict=True)) < 2e-3
+    state = torch.load(tmp_path / "bfloat16" / "checkpoints" / "last.pt", weights_only=False)["model"]
+    frozen = {k: v.dtype for k, v in state.items() if "base_layer" in k or k.endswith(("gate_proj.weight", "k_proj.weight"))}
+    assert frozen and set(frozen.values()) == {torch.bfloat16}
+    assert {v.dtype for k, v in state.items() if "lora_" in k or "embed" in k or "norm" in k} == {torch.float32}
+    ids = torch.tensor([ModelDir.open(base_dir).load_tokenizer().encode("Tom saw the ball.", bos=True)])
+    with torch.no_grad():
+        a = ModelDir.open(tmp_path / "float32" / "model").load_model()(ids)[0]
+        b = ModelDir.open(tmp_path / "bfloat16" / "model").load_model()(ids)[0]
+    assert (a - b).abs().max() < 0.05  # the same adapter up to bf16 rounding in training
+    with pytest.raises(SlmforgeError, match="base_dtype bfloat16 is for mode lora"):
+        FinetuneConfig(base_dtype="bfloat16")
+    with pytest.raises(SlmforgeError, match="needs precision bf16"):
+        finetune(base_dir, train_f, tmp_path / "fp32", FinetuneConfig(mode="lora", base_dtype="bfloat16"),
+                 TrainConfig(max_steps=2, eval_every=0, **{**FAST, "precision": "fp32"}))
+
+
 def test_lora_targets_must_exist(tmp_path, base_dir):
     train_f = _jsonl(tmp_path / "train.jsonl", _lm_rows(20))
     with pytest.raises(SlmforgeError, match="qkv_proj"):

@@ -83,6 +83,9 @@ class FinetuneConfig:
     val_fraction: float = 0.1  # held out of train when no val file is given
     max_val_examples: int = 2000
     merge: bool = False  # LoRA: also write the merged model to out/model
+    # LoRA: the frozen projection weights in bfloat16 (QLoRA's idea — a low-precision frozen base under
+    # full-precision adapters — at 16 bits: half the base memory; bf16 autocast computes in bf16 anyway)
+    base_dtype: str = "float32"
     dtype: str = "float32"  # weights of the written model directory
 
     def __post_init__(self) -> None:
@@ -94,6 +97,8 @@ class FinetuneConfig:
              "need lora_r > 0, lora_alpha > 0 and 0 <= lora_dropout < 1"),
             (bool(self.lora_targets), "lora_targets must name at least one module"),
             (0 <= self.val_fraction < 1, "val_fraction must be in [0, 1)"),
+            (self.base_dtype in ("float32", "bfloat16"), "base_dtype must be float32 or bfloat16"),
+            (self.base_dtype == "float32" or self.mode == "lora", "base_dtype bfloat16 is for mode lora"),
             (self.class_weights in CLASS_WEIGHTS, f"class_weights must be one of {', '.join(CLASS_WEIGHTS)}"),
             (self.select_metric in SELECT_METRICS, f"select_metric must be one of {', '.join(SELECT_METRICS)}"),
             (self.class_weights == "none" or (self.task == "classify" and self.head == "classifier"),
@@ -458,6 +463,17 @@ def apply_lora(model: LlamaModel, r: int, alpha: int, dropout: float, targets: l
     return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets)))
 
 
+def frozen_linears_to_bf16(model: nn.Module) -> int:
+    """Store the frozen weights of linear layers inside the transformer blocks in bfloat16 (embeddings, norms
+    and the adapters stay fp32). Returns the number of weights converted."""
+    n = 0
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear) and ".layers." in f".{name}" and not m.weight.requires_grad:
+            m.weight.data = m.weight.data.to(torch.bfloat16)
+            n += m.weight.numel()
+    return n
+
+
 def lm_loss(model: nn.Module, batch: dict) -> torch.Tensor:
     return model(batch["x"], batch["y"])[1]
 
@@ -688,6 +704,10 @@ def finetune(
     lm: nn.Module = md.load_model().train()
     if cfg.mode == "lora":
         lm = apply_lora(lm, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+        if cfg.base_dtype == "bfloat16":
+            if train_cfg.precision != "bf16":
+                raise SlmforgeError("base_dtype bfloat16 needs precision bf16 (autocast)")
+            frozen_linears_to_bf16(lm)
     model = wrap_model(lm, cfg, labels)
     trainable, total = count_params(model)
 
@@ -783,7 +803,9 @@ def finetune(
             write_json(d / "slmforge.json", meta)
 
         written["adapter"] = str(_write_dir_atomically(out / "adapter", write_adapter))
-        if cfg.merge:
+        if cfg.merge and cfg.base_dtype == "bfloat16":  # fold into the fp32 base on disk, not its bf16 copy
+            written["model"] = str(merge_lora(md.path, out / "adapter", out / "model", dtype=cfg.dtype))
+        elif cfg.merge:
             written["model"] = str(_save_model(out / "model", lm.merge_and_unload(), tok, head,
                                                {**meta, "merged_lora": True}, cfg.dtype, head_file))
     else:
