@@ -1,15 +1,16 @@
 """Where LoRA pays: training memory and step time, full fine-tuning vs LoRA, as the model grows.
 
     python benchmarks/lora_memory.py                       # 15m, 135m, 360m; ~6 minutes on 2 threads
-    python benchmarks/lora_memory.py --presets 135m --steps 3
+    python benchmarks/lora_memory.py --presets 135m --steps 3 --runs "full;lora q,v r8"
 
 benchmarks/lora_vs_full.py measures LoRA's quality gap on a 260K model, where activations dominate and
 LoRA saves nothing. This one measures the other side: randomly initialised models of the preset shapes
 (SmolLM-135M and -360M shapes included; no weights are needed to measure memory and time), trained by the
 trainer core (AdamW, bf16 autocast, fp32 weights and optimizer state) for a few steps on a fixed LM batch.
-Each configuration runs in its own process. Reported: trainable parameters, resident memory once the model
-is built ("model MB"), the peak growth over that during training ("+ training MB": gradients, optimizer
-state, activations) and seconds per optimizer step after the first.
+Each configuration runs in its own process. Reported: trainable parameters, peak resident memory once the
+model is built ("model MB"; the fp32 weights, also for a bf16 base, which is converted after loading), the
+process's peak resident memory by the end of training ("peak MB": weights, gradients, optimizer state,
+activations) and seconds per optimizer step after the first.
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 ALL_LINEAR = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-RUNS = {  # name -> (mode, lora targets, rank)
-    "full": ("full", None, 0),
-    "lora q,v r8": ("lora", "q_proj,v_proj", 8),
-    "lora all r16": ("lora", ALL_LINEAR, 16),
+RUNS = {  # name -> (mode, lora targets, rank, frozen projections in bf16)
+    "full": ("full", None, 0, False),
+    "lora q,v r8": ("lora", "q_proj,v_proj", 8, False),
+    "lora all r16": ("lora", ALL_LINEAR, 16, False),
+    "lora all r16, bf16 base": ("lora", ALL_LINEAR, 16, True),  # finetune --base-dtype bfloat16
 }
 
 
@@ -44,16 +46,18 @@ def run_one(args: argparse.Namespace) -> None:
 
     from slmforge.config import preset
     from slmforge.model import LlamaModel
-    from slmforge.train.finetune import apply_lora, count_params, lm_loss
+    from slmforge.train.finetune import apply_lora, count_params, frozen_linears_to_bf16, lm_loss
     from slmforge.train.loop import TrainConfig, train
 
     torch.set_num_threads(args.threads)
-    mode, targets, r = RUNS[args.run]
+    mode, targets, r, bf16_base = RUNS[args.run]
     cfg = preset(args.preset, max_position_embeddings=max(args.seq_len, 256))
     model = LlamaModel(cfg)
     model.reset_parameters(seed=0)
     if mode == "lora":
         model = apply_lora(model, r, 2 * r, 0.0, targets.split(","))
+        if bf16_base:
+            frozen_linears_to_bf16(model)
     trainable, total = count_params(model)
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, cfg.vocab_size, (args.batch_size, args.seq_len + 1), generator=g)
@@ -69,7 +73,7 @@ def run_one(args: argparse.Namespace) -> None:
                        min_lr=1e-5, warmup_steps=0, eval_every=0, ckpt_every=0, threads=args.threads,
                        progress=False, log_every=1)
     train(model, get_batch, tcfg, args.out, None, loss_fn=lm_loss, resume=False)
-    gaps = [b - a for a, b in zip(step_times[1:], step_times[2:])]  # after the first step (allocations)
+    gaps = [b - a for a, b in zip(step_times[1:], step_times[2:], strict=False)]  # after the first step (allocations)
     print(json.dumps({"preset": args.preset, "run": args.run, "trainable_params": trainable, "total_params": total,
                       "trainable_pct": round(100 * trainable / total, 3), "model_mb": round(rss_model, 1),
                       "peak_mb": round(_rss_mb(), 1), "train_mb": round(_rss_mb() - rss_model, 1),
@@ -83,6 +87,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--runs", default=";".join(RUNS), help="configurations separated by ; (full first)")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "lora_memory.json")
     ap.add_argument("--run", help=argparse.SUPPRESS)  # internal: one configuration in a child process
     ap.add_argument("--preset", help=argparse.SUPPRESS)
@@ -96,7 +101,7 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for p in args.presets.split(","):
-            for name in RUNS:
+            for name in args.runs.split(";"):
                 cmd = [sys.executable, __file__, "--run", name, "--preset", p, "--out", str(Path(tmp) / f"{p}-{name}"),
                        "--steps", str(args.steps + 1), "--batch-size", str(args.batch_size),
                        "--seq-len", str(args.seq_len), "--threads", str(args.threads)]
@@ -108,7 +113,7 @@ def main() -> None:
 
     table = Table(title=f"training memory and time, batch {args.batch_size} x {args.seq_len} tokens, bf16 autocast, "
                         f"{args.threads} thread(s)")
-    for col in ("model", "run", "trainable", "model MB", "+ training MB", "vs full", "s/step", "vs full"):
+    for col in ("model", "run", "trainable", "model MB", "peak MB", "vs full", "s/step", "vs full"):
         table.add_column(col, justify="left" if col in ("model", "run") else "right")
     full = {}
     for r in results:
@@ -116,7 +121,7 @@ def main() -> None:
             full[r["preset"]] = r
         f = full[r["preset"]]
         table.add_row(r["preset"], r["run"], f"{r['trainable_params']:,} ({r['trainable_pct']:.2f}%)",
-                      f"{r['model_mb']:,.0f}", f"{r['train_mb']:,.0f}", f"{r['train_mb'] / f['train_mb']:.2f}x",
+                      f"{r['model_mb']:,.0f}", f"{r['peak_mb']:,.0f}", f"{r['peak_mb'] / f['peak_mb']:.2f}x",
                       f"{r['s_per_step']:.2f}", f"{r['s_per_step'] / f['s_per_step']:.2f}x")
     Console().print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
