@@ -46,7 +46,7 @@ def run_one(args: argparse.Namespace) -> None:
 
     from slmforge.config import preset
     from slmforge.model import LlamaModel
-    from slmforge.train.finetune import apply_lora, count_params, frozen_linears_to_bf16, lm_loss
+    from slmforge.train.finetune import FinetuneConfig, count_params, lm_loss, trainable_model
     from slmforge.train.loop import TrainConfig, train
 
     torch.set_num_threads(args.threads)
@@ -54,10 +54,11 @@ def run_one(args: argparse.Namespace) -> None:
     cfg = preset(args.preset, max_position_embeddings=max(args.seq_len, 256))
     model = LlamaModel(cfg)
     model.reset_parameters(seed=0)
-    if mode == "lora":
-        model = apply_lora(model, r, 2 * r, 0.0, targets.split(","))
-        if bf16_base:
-            frozen_linears_to_bf16(model)
+    ft_cfg = FinetuneConfig(mode=mode, **({"lora_r": r, "lora_alpha": 2 * r, "lora_dropout": 0.0,
+                                          "lora_targets": targets.split(","),
+                                          "base_dtype": "bfloat16" if bf16_base else "float32"}
+                                         if mode == "lora" else {}))
+    model, _ = trainable_model(model, ft_cfg, None, "bf16")
     trainable, total = count_params(model)
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, cfg.vocab_size, (args.batch_size, args.seq_len + 1), generator=g)

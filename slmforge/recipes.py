@@ -483,10 +483,8 @@ def _finetune(recipe: Recipe, v: VariantSpec, init: Path, data: Path, out: Path,
         sample = [recs[i] for i in rng.choice(len(recs), min(len(recs), s.batch_size), replace=False)]
         batch = ft.make_batch(ft.encode_records(sample, tok, cfg, seq_len, labels), ft.pad_id_of(tok), cfg)
         torch.manual_seed(recipe.seed)
-        lm = md.load_model().train()
-        if s.mode == "lora":
-            lm = ft.apply_lora(lm, s.lora_r, s.lora_alpha, 0.0, s.lora_targets)
-        step_s = _probe_seconds(ft.wrap_model(lm, cfg, labels), ft.loss_fn_of(cfg), batch, s.precision)
+        _, model = ft.trainable_model(md.load_model().train(), cfg, labels, s.precision)
+        step_s = _probe_seconds(model, ft.loss_fn_of(cfg), batch, s.precision)
         steps = _steps_for(s.minutes * scale, step_s * 1.15,  # + evaluations on val
                            s.epochs * n_train / s.batch_size, s.max_steps)
         return {"max_steps": steps, "probe_step_s": round(step_s, 4), "minutes": s.minutes * scale,

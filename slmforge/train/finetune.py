@@ -445,11 +445,20 @@ class TokenTagger(nn.Module):
         return self.score(torch.cat([h, ahead], dim=-1))
 
 
-def wrap_model(lm: nn.Module, cfg: FinetuneConfig, labels: list[str] | None) -> nn.Module:
-    """The model cfg trains: the language model itself, or it with a classifier or tagger head."""
+def trainable_model(lm: LlamaModel, cfg: FinetuneConfig, labels: list[str] | None,
+                    precision: str) -> tuple[nn.Module, nn.Module]:
+    """(lm, model): the language model as cfg trains it (itself, or a peft LoRA model, its frozen projections
+    in bf16 with base_dtype bfloat16) and the model the loss takes (lm, or lm with a classifier or tagger
+    head). The recipe runner's timing probe builds the same thing."""
+    if cfg.mode == "lora":
+        lm = apply_lora(lm, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+        if cfg.base_dtype == "bfloat16":
+            if precision != "bf16":
+                raise SlmforgeError("base_dtype bfloat16 needs precision bf16 (autocast)")
+            frozen_linears_to_bf16(lm)
     if cfg.classifier_head:
-        return SequenceClassifier(lm, len(labels or []))
-    return TokenTagger(lm) if cfg.task == "tag" else lm
+        return lm, SequenceClassifier(lm, len(labels or []))
+    return lm, (TokenTagger(lm) if cfg.task == "tag" else lm)
 
 
 def apply_lora(model: LlamaModel, r: int, alpha: int, dropout: float, targets: list[str]) -> nn.Module:
@@ -597,7 +606,7 @@ def load_tagger(model_dir: str | Path) -> tuple[TokenTagger, Tokenizer, dict]:
     if not head_path.is_file():
         raise SlmforgeError(f"{head_path}: missing (slmforge.json has a 'tagger' entry)")
     model = TokenTagger(md.load_model(), len(info["labels"]))
-    model.score.load_state_dict({"weight": load_file(str(head_path))["score.weight"]})
+    model.score.load_state_dict(_load_head(head_path).state_dict())
     return model.eval(), md.load_tokenizer(), info
 
 
@@ -615,7 +624,7 @@ def load_classifier(model_dir: str | Path) -> tuple[nn.Module, Tokenizer, dict]:
     if not head_path.is_file():
         raise SlmforgeError(f"{head_path}: missing (slmforge.json says head 'classifier')")
     model = SequenceClassifier(lm, len(info["labels"]))
-    model.score.load_state_dict({"weight": load_file(str(head_path))["score.weight"]})
+    model.score.load_state_dict(_load_head(head_path).state_dict())
     return model.eval(), md.load_tokenizer(), info
 
 
@@ -657,6 +666,14 @@ def _write_dir_atomically(out: Path, write) -> Path:
 
 def _save_head(head: nn.Linear, path: Path) -> None:
     save_file({"score.weight": head.weight.detach().float().cpu().contiguous()}, str(path))
+
+
+def _load_head(path: Path) -> nn.Linear:
+    """A head written by _save_head, shaped by its saved weight (a tagger's reads two hidden states)."""
+    weight = load_file(str(path))["score.weight"]
+    head = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    head.weight.data = weight
+    return head
 
 
 def finetune(
@@ -701,14 +718,7 @@ def finetune(
 
     # Model: full or LoRA, with or without a classifier or tagger head.
     torch.manual_seed(train_cfg.seed)  # LoRA and head initialisation
-    lm: nn.Module = md.load_model().train()
-    if cfg.mode == "lora":
-        lm = apply_lora(lm, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
-        if cfg.base_dtype == "bfloat16":
-            if train_cfg.precision != "bf16":
-                raise SlmforgeError("base_dtype bfloat16 needs precision bf16 (autocast)")
-            frozen_linears_to_bf16(lm)
-    model = wrap_model(lm, cfg, labels)
+    lm, model = trainable_model(md.load_model().train(), cfg, labels, train_cfg.precision)
     trainable, total = count_params(model)
 
     bs, pad = train_cfg.batch_size, pad_id_of(tok)
@@ -724,28 +734,26 @@ def finetune(
     gold = torch.tensor([e.label for e in val_ex]) if cfg.task == "classify" else None
 
     @torch.no_grad()
-    def tag_eval() -> dict:
-        dev = model.score.weight.device
-        pred = [model(b["x"].to(dev)).argmax(-1).cpu().flatten() for b in val_batches]
-        return {"val_tag_f1": tag_f1(torch.cat(pred), torch.cat([b["tags"].flatten() for b in val_batches]))}
+    def val_metrics() -> dict:
+        if cfg.task == "tag":
+            dev = model.score.weight.device
+            pred = [model(b["x"].to(dev)).argmax(-1).cpu().flatten() for b in val_batches]
+            return {"val_tag_f1": tag_f1(torch.cat(pred), torch.cat([b["tags"].flatten() for b in val_batches]))}
+        if cfg.classifier_head:
+            pred = classifier_logits(model, tok, texts, seq_len, bs).argmax(-1)
+        else:
+            pred = label_logliks(model, tok, texts, labels, seq_len, bs).argmax(-1)
+        return {"val_accuracy": (pred == gold).float().mean().item(),
+                "val_macro_f1": macro_f1(pred, gold, len(labels))}
 
     def on_eval(step: int, val_loss: float) -> dict | None:
         if cfg.task not in ("classify", "tag") or not val_ex:
             return None
         was_training = model.training
         model.eval()
-        if cfg.task == "tag":
-            metrics = tag_eval()
-            model.train(was_training)
-            return metrics
-        if cfg.classifier_head:
-            scores = classifier_logits(model, tok, texts, seq_len, bs)
-        else:
-            scores = label_logliks(model, tok, texts, labels, seq_len, bs)
+        metrics = val_metrics()
         model.train(was_training)
-        pred = scores.argmax(-1)
-        return {"val_accuracy": (pred == gold).float().mean().item(),
-                "val_macro_f1": macro_f1(pred, gold, len(labels))}
+        return metrics
 
     if val_ex and train_cfg.best_metric is None:  # keep the best evaluation's weights
         train_cfg = replace(train_cfg, best_metric=cfg.best_metric[0], best_mode=cfg.best_metric[1])
@@ -844,8 +852,7 @@ def merge_lora(model_dir: str | Path, adapter_dir: str | Path, out_dir: str | Pa
     meta.update(stage="merge-lora", merged_lora=True, adapter=str(adapter.resolve()),
                 parent={**meta.get("parent", {}), "path": str(md.path.resolve())})
     head, head_file = None, HEAD_FILE
-    for name, entry in ((HEAD_FILE, "classifier"), (TAGGER_HEAD_FILE, "tagger")):
+    for name in (HEAD_FILE, TAGGER_HEAD_FILE):
         if (adapter / name).is_file():
-            head, head_file = nn.Linear(md.config.hidden_size, len(meta[entry]["labels"]), bias=False), name
-            head.weight.data = load_file(str(adapter / name))["score.weight"]
+            head, head_file = _load_head(adapter / name), name
     return _save_model(Path(out_dir), merged, md.load_tokenizer(), head, meta, dtype, head_file)
