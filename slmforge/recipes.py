@@ -254,9 +254,6 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     from slmforge.evaluate.task_data import LOADERS
     from slmforge.evaluate.tasks import TASKS as EVAL_TASKS
     from slmforge.infer.predict import MODES
-    from slmforge.train.finetune import HEADS
-    from slmforge.train.finetune import MODES as FT_MODES
-    from slmforge.train.finetune import TASKS as FT_TASKS
 
     path = find_recipe(name_or_path)
     try:
@@ -279,8 +276,11 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
 
     check(recipe.data.loader in (*LOADERS, "support_chat"), raw["data"], "loader",
           f"unknown loader {recipe.data.loader!r} (one of {', '.join((*LOADERS, 'support_chat'))})")
-    check(recipe.predict.mode in MODES, raw["predict"], "mode", f"one of {', '.join(MODES)}")
-    check(recipe.predict.top_k > 0, raw["predict"], "top_k", "must be > 0")
+    def check_predict(p: PredictSpec, m) -> None:
+        check(p.mode in MODES, m, "mode", f"one of {', '.join(MODES)}")
+        check(p.top_k > 0, m, "top_k", "must be > 0")
+
+    check_predict(recipe.predict, raw["predict"])
     check(recipe.eval.task in EVAL_TASKS, raw["eval"], "task", f"one of {', '.join(EVAL_TASKS)}")
     if recipe.model:
         check(recipe.model.preset.lower() in PRESET_NAMES, raw["model"], "preset",
@@ -298,13 +298,13 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
                   "'pretrained' needs a 'pretrain' section")
         if v.finetune:
             fm = m["finetune"]
-            check(v.finetune.task in FT_TASKS, fm, "task", f"one of {', '.join(FT_TASKS)}")
-            check(v.finetune.mode in FT_MODES, fm, "mode", f"one of {', '.join(FT_MODES)}")
-            check(v.finetune.head in HEADS, fm, "head", f"one of {', '.join(HEADS)}")
+            try:  # the fine-tuning config checks itself: task, mode, head, class weights, LoRA...
+                _finetune_config(v.finetune, v.finetune.val_fraction)
+            except SlmforgeError as e:
+                raise SlmforgeError(f"{path}:{getattr(fm, 'line', 1)}: variant {v.name}: {e}") from None
             check(v.finetune.minutes > 0 and v.finetune.epochs > 0, fm, "minutes", "minutes and epochs must be > 0")
         if v.predict:
-            check(v.predict.mode in MODES, m["predict"], "mode", f"one of {', '.join(MODES)}")
-            check(v.predict.top_k > 0, m["predict"], "top_k", "must be > 0")
+            check_predict(v.predict, m["predict"])
         if v.finetune:  # a tagger extracts, and only a tagger can
             extract = (v.predict or recipe.predict).mode == "extract"
             check(extract == (v.finetune.task == "tag"), m, "predict",
@@ -453,6 +453,15 @@ def _scratch_model(recipe: Recipe, run: Path) -> Path:
     return out
 
 
+def _finetune_config(s: FinetuneSpec, val_fraction: float):
+    from slmforge.train.finetune import FinetuneConfig
+
+    return FinetuneConfig(task=s.task, mode=s.mode, head=s.head, labels=s.labels, class_weights=s.class_weights,
+                          select_metric=s.select_metric, base_dtype=s.base_dtype, lora_r=s.lora_r,
+                          lora_alpha=s.lora_alpha, lora_targets=s.lora_targets, val_fraction=val_fraction,
+                          merge=s.mode == "lora")
+
+
 def _finetune(recipe: Recipe, v: VariantSpec, init: Path, data: Path, out: Path, scale: float) -> dict:
     import numpy as np
 
@@ -467,10 +476,7 @@ def _finetune(recipe: Recipe, v: VariantSpec, init: Path, data: Path, out: Path,
         raise SlmforgeError(f"{recipe.path}: variant {v.name}: val file {val_path} not found")
     md = ModelDir.open(init)
     seq_len = min(s.seq_len, md.config.max_position_embeddings - 1)
-    cfg = ft.FinetuneConfig(task=s.task, mode=s.mode, head=s.head, labels=s.labels, class_weights=s.class_weights,
-                            select_metric=s.select_metric, base_dtype=s.base_dtype, lora_r=s.lora_r,
-                            lora_alpha=s.lora_alpha, lora_targets=s.lora_targets,
-                            val_fraction=0.0 if val_path else s.val_fraction, merge=s.mode == "lora")
+    cfg = _finetune_config(s, 0.0 if val_path else s.val_fraction)
 
     def make_plan() -> dict:
         import torch

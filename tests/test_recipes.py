@@ -160,6 +160,13 @@ eval: {{task: keyphrase, metric: macro_f1@5}}
     ("name: x\ndata: {loader: inspec}\n" + TINY_MODEL + "variants:\n  - name: a\n    init: scratch\n"
      "    finetune: {task: lm}\n    predict: {mode: extract, top_k: 0}\npredict: {mode: generate}\n"
      "eval: {task: keyphrase, metric: macro_f1@5}\n", r"mini.yaml:9: field 'top_k': must be > 0"),
+    ("name: x\ndata: {loader: sst2}\n" + TINY_MODEL + "variants:\n  - name: a\n    init: scratch\n"
+     "    finetune: {task: classify, head: generative, class_weights: balanced}\npredict: {mode: classify}\n"
+     "eval: {task: classification, metric: accuracy}\n",
+     r"mini.yaml:8: variant a: finetune config: class_weights balanced needs task classify with head classifier"),
+    ("name: x\ndata: {loader: sst2}\n" + TINY_MODEL + "variants:\n  - name: a\n    init: scratch\n"
+     "    finetune: {task: summarize}\npredict: {mode: classify}\n"
+     "eval: {task: classification, metric: accuracy}\n", r"mini.yaml:8: variant a: finetune config: task must be"),
 ])
 def test_bad_recipe_is_one_error_with_file_and_line(tmp_path, text, message):
     with pytest.raises(SlmforgeError, match=message):
