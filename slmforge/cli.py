@@ -36,6 +36,10 @@ app.command()(predict)
 app.command("eval-task")(eval_task)
 app.command()(run)
 
+from slmforge.cli_eval import eval_app  # noqa: E402 - bits per byte on real text
+
+app.add_typer(eval_app, name="eval")
+
 
 def _load(model_dir: Path, dtype: str = "float32"):
     import torch
