@@ -9,7 +9,11 @@ recipe   what sample i asks for is drawn from (seed, i) alone: for `stories` the
          `textbook` the topic x audience x style x exercise-type formula (textbook.sample_textbook_seed).
 teacher  `builtin` writes offline (storygen.write_story; textbook.write_section for the computable topics),
          anything else is an LM spec for slmforge.lm.open_lm (a model directory or openai:<url>#<model>),
-         which gets the recipe's prompt as one chat message, with a per-sample sampling seed.
+         which gets the recipe's prompt as one chat message, with a per-sample sampling seed. A model directory
+         whose tokenizer has no chat template is a base LM (e.g. llama2.c's stories260K, imported): for
+         `stories` it is sampled from BOS at the given temperature and top-p (1.0 and 1.0 by default, so the
+         student sees the teacher's own distribution, not a sharpened one), many stories at once on the
+         BatchEngine, each with its own seed; the row's formula fields are then empty (nothing was asked).
 output   one JSONL row per sample: {"id": "<recipe>-<seed>-<i>", "text", "recipe", "teacher", the formula's
          fields, "prompt"}. Rows are written a batch at a time, then flushed and fsynced, so the file only
          ever ends in a cut line when the process was killed mid-write; a re-run cuts that line off, skips the
@@ -194,6 +198,47 @@ def _ask_teacher(lm, plans: list[Plan], sampling, on_error: str,
     return texts, (errors[0] if errors and on_error == "fail" else None)
 
 
+def is_base_lm(teacher: str) -> bool:
+    """A local model directory without a chat template: a plain LM, to be sampled from BOS."""
+    p = Path(teacher)
+    if teacher == "builtin" or teacher.startswith("openai:") or not p.is_dir():
+        return False
+    cfg = p / "tokenizer_config.json"
+    return cfg.is_file() and not read_json(cfg).get("chat_template")
+
+
+class BaseLMSampler:
+    """Stories from a base LM: sampled from BOS on one BatchEngine kept across batches."""
+
+    def __init__(self, model_dir: str | Path, max_batch: int = 64, compile: bool = False):
+        import torch
+
+        from slmforge.infer.engine import BatchEngine
+        from slmforge.lm import Usage
+        from slmforge.modeldir import ModelDir
+
+        md = ModelDir.open(model_dir)
+        self.name = str(model_dir)
+        self.model, self.tokenizer = md.load_model("cuda" if torch.cuda.is_available() else "cpu"), md.load_tokenizer()
+        if self.tokenizer.bos_id is None:
+            raise SlmforgeError(f"{model_dir}: the teacher's tokenizer has no BOS token to sample stories from")
+        self.engine = BatchEngine(self.model, None, max_batch=max_batch, compile=compile)
+        self.usage = Usage()
+
+    def sample(self, plans: list[Plan], sampling) -> list[str]:
+        from slmforge.infer.engine import Request, run
+
+        # the whole context after BOS; a story ends at the teacher's stop ids (llama2.c's: the next <s>)
+        max_new = min(sampling.max_new_tokens, self.engine.max_len - 1)
+        reqs = [self.engine.add(Request([self.tokenizer.bos_id], replace(sampling, seed=p.sampling_seed),
+                                        max_new_tokens=max_new, stop_ids=self.tokenizer.stop_ids))
+                for p in plans]
+        for _ in run(self.engine):
+            pass
+        self.usage.add(len(reqs), sum(len(r.output_ids) for r in reqs), requests=len(reqs))
+        return [self.tokenizer.decode(r.output_ids) for r in reqs]
+
+
 def synthesize(recipe: str, n: int, out_path: str | Path, teacher: str = "builtin", seed: int = 0,
                batch_size: int = 64, *, topics: tuple[str, ...] | list[str] | None = None,
                concurrency: int = 8, requests_per_minute: float = 0, max_retries: int = 6,
@@ -228,8 +273,28 @@ def synthesize(recipe: str, n: int, out_path: str | Path, teacher: str = "builti
     todo = [i for i in range(n) if sample_id(recipe, seed, i) not in done]
 
     sampling = None  # None: the builtin writer
+    base_lm = lm is None and is_base_lm(teacher)
+    if base_lm and recipe != "stories":
+        raise SlmforgeError(f"--teacher {teacher}: a base LM (no chat template) can only teach `stories`, "
+                            f"sampled from BOS; {recipe!r} needs an instruction-following teacher")
     if teacher_name == "builtin" and lm is None:
         usage = Usage()
+    elif base_lm:
+        from slmforge.infer.engine import SamplingParams
+
+        if todo:
+            import torch
+
+            from slmforge.modeldir import ModelDir
+
+            # compiling the decode step costs ~1 min once and then nearly doubles a small model's speed on CPU
+            # (per-op overhead is most of its step): worth it for a long run only
+            compile = (not torch.cuda.is_available() and len(todo) >= 2000
+                       and ModelDir.open(teacher).config.hidden_size <= 512)
+            lm = BaseLMSampler(teacher, max_batch=min(batch_size, 128), compile=compile)
+        usage = lm.usage if todo else Usage()
+        sampling = SamplingParams(max_new_tokens=max_new_tokens or _MAX_NEW_TOKENS[recipe],
+                                  temperature=temperature, top_p=top_p)
     else:
         from slmforge.infer.engine import SamplingParams
         from slmforge.lm import open_lm
@@ -277,6 +342,8 @@ def synthesize(recipe: str, n: int, out_path: str | Path, teacher: str = "builti
                 error = None
                 if sampling is None:
                     texts: list[str | None] = [write_builtin(recipe, p) for p in plans]
+                elif base_lm:
+                    texts = lm.sample(plans, sampling)
                 else:
                     texts, error = _ask_teacher(lm, plans, sampling, on_error, stats)
                 lines = []
@@ -291,8 +358,8 @@ def synthesize(recipe: str, n: int, out_path: str | Path, teacher: str = "builti
                         stats.refused += 1
                         continue
                     rid = sample_id(recipe, seed, plan.index)
-                    row = {"id": rid, "text": text, "recipe": recipe, "teacher": teacher_name, **plan.fields,
-                           "prompt": plan.prompt}
+                    row = {"id": rid, "text": text, "recipe": recipe, "teacher": teacher_name,
+                           **({"prompt": ""} if base_lm else {**plan.fields, "prompt": plan.prompt})}
                     lines.append(json.dumps(row, ensure_ascii=False) + "\n")
                     done.add(rid)
                 data = "".join(lines).encode("utf-8")
