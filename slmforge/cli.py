@@ -81,13 +81,19 @@ def quickstart(
     vocab_size: Annotated[int, typer.Option(help="Tokenizer vocabulary size.")] = 2048,
     precision: Annotated[str, typer.Option(help="bf16 (autocast) or fp32.")] = "bf16",
     seed: Annotated[int, typer.Option(help="Seed for data, init and sampling.")] = 1337,
+    teacher: Annotated[Path | None, typer.Option(help="Base LM dir to sample the stories from (e.g. stories260K "
+                                                      "after `slmforge import llama2c`); default: templates.")] = None,
+    judge_text: Annotated[list[Path] | None, typer.Option(help="Real text to report bits/byte on (repeatable).")] = None,
+    reference: Annotated[list[Path] | None, typer.Option(help="Model dir judged beside ours (repeatable).")] = None,
 ) -> None:
     """Offline, on a laptop CPU: story corpus -> tokenizer -> pretrain -> samples and report."""
     from slmforge.quickstart import QuickstartConfig
     from slmforge.quickstart import quickstart as run_quickstart
 
     run_quickstart(QuickstartConfig(out=out, n_stories=stories, preset=preset, max_steps=steps, train_minutes=minutes,
-                                    batch_size=batch_size, vocab_size=vocab_size, precision=precision, seed=seed))
+                                    batch_size=batch_size, vocab_size=vocab_size, precision=precision, seed=seed,
+                                    teacher=teacher, judge_text=tuple(judge_text or ()),
+                                    references=tuple(reference or ())))
 
 
 @tokenizer_app.command("train")

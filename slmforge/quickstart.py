@@ -42,6 +42,9 @@ class QuickstartConfig:
     seed: int = 1337
     n_samples: int = 4
     sample_tokens: int = 200
+    teacher: Path | None = None  # a base LM dir (e.g. imported stories260K): stories sampled from it, not the templates
+    judge_text: tuple[Path, ...] = ()  # real text files: bits/byte of the model on each (and of each reference)
+    references: tuple[Path, ...] = ()  # other model dirs judged on the same text, for comparison
 
 
 def _stage(name: str, done: bool) -> bool:
@@ -52,12 +55,12 @@ def _stage(name: str, done: bool) -> bool:
     return not done
 
 
-def make_corpus(path: Path, n: int, seed: int) -> int:
-    """Write n stories from the offline teacher as JSONL (with their seed words and features); an
+def make_corpus(path: Path, n: int, seed: int, teacher: Path | None = None) -> int:
+    """Write n stories as JSONL, from the offline template generator or sampled from a teacher LM; an
     interrupted run resumes where it stopped."""
     from slmforge.data.synth import synthesize
 
-    stats = synthesize("stories", n, path, teacher="builtin", seed=seed, batch_size=512)
+    stats = synthesize("stories", n, path, teacher=str(teacher) if teacher else "builtin", seed=seed, batch_size=512)
     return stats.existing + stats.written
 
 
@@ -120,9 +123,9 @@ def quickstart(cfg: QuickstartConfig) -> Path:
     timings: dict[str, float] = {}
 
     t = time.time()
-    if _stage(f"generating {cfg.n_stories:,} stories (TinyStories seeding formula, offline)",
-              corpus_done(corpus, cfg.n_stories)):
-        make_corpus(corpus, cfg.n_stories, cfg.seed)
+    source = f"sampled from teacher {cfg.teacher}" if cfg.teacher else "offline template generator"
+    if _stage(f"generating {cfg.n_stories:,} stories ({source})", corpus_done(corpus, cfg.n_stories)):
+        make_corpus(corpus, cfg.n_stories, cfg.seed, cfg.teacher)
     timings["corpus_s"] = time.time() - t
 
     t = time.time()
@@ -162,8 +165,9 @@ def quickstart(cfg: QuickstartConfig) -> Path:
     if not curve.is_file() and (run_dir / "metrics.jsonl").is_file():
         plot_loss_curve(run_dir / "metrics.jsonl", curve)
 
+    judge = judge_model(model_dir, corpus, cfg)
     summary = {
-        "model_dir": str(model_dir), "params": md.config.n_params, "preset": cfg.preset,
+        "model_dir": str(model_dir), "teacher": str(cfg.teacher) if cfg.teacher else "builtin templates", "params": md.config.n_params, "preset": cfg.preset,
         "vocab_size": tok.vocab_size, "stories": cfg.n_stories,
         "train_tokens_in_corpus": index.get("splits", {}).get("train", {}).get("tokens", index.get("train_tokens")),
         "val_loss": metrics.get("val_loss"),
@@ -171,35 +175,71 @@ def quickstart(cfg: QuickstartConfig) -> Path:
         "tokens_per_s": metrics.get("tokens_per_s"), "train_time_s": metrics.get("train_time_s"),
         "bytes_per_token": round(tok.bytes_per_token(
             json.loads(line)["text"] for line in itertools.islice(corpus.open(encoding="utf-8"), 500)), 3),
+        "val_bits_per_byte": judge["val_bits_per_byte"],
+        **{f"bits_per_byte[{Path(f).name}]": v for f, v in judge["judge_text"].items()},
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
         "wall_time_s": round(time.time() - t_start, 1), "config": {k: str(v) for k, v in asdict(cfg).items()},
     }
-    write_json(out / "summary.json", {**summary, "samples": samples})
+    write_json(out / "summary.json", {**summary, "judge": judge, "samples": samples})
     update_meta(model_dir, quickstart=summary)
-    atomic_write_text(out / "report.md", _report(summary, samples, curve))
+    atomic_write_text(out / "report.md", _report(summary, samples, curve, judge))
 
     console.print()
     for s in samples:
         console.print(f"[green]{s}[/green]\n")
     console.print(f"val loss {summary['val_loss']:.3f} · perplexity {summary['val_ppl']:.2f} · "
                   f"{md.config.n_params / 1e6:.2f}M params · {summary['tokens_per_s'] or 0:,.0f} tokens/s")
+    for name, bpb in judge["table"]:
+        console.print(f"bits/byte {bpb:.3f} · {name}")
     console.print(f"model: {model_dir}\nreport: {out / 'report.md'}\n"
                   f"try:   slmforge generate {model_dir} \"Once upon a time\"")
     return model_dir
 
 
-def _report(s: dict, samples: list[str], curve: Path) -> str:
+def judge_model(model_dir: Path, corpus: Path, cfg: QuickstartConfig) -> dict:
+    """Bits per byte (slmforge.evaluate.perplexity) on the corpus's held-out stories (the ones pack put in
+    val) and on each --judge-text file, for the model and for each --reference model dir."""
+    from slmforge.data.pack import is_val_document
+    from slmforge.evaluate.perplexity import judge, score_documents
+    from slmforge.modeldir import ModelDir
+
+    val = [json.loads(line)["text"] for i, line in enumerate(corpus.open(encoding="utf-8"))
+           if is_val_document(i, cfg.seed, 0.02)][:200]
+    md = ModelDir.open(model_dir)
+    val_bpb = score_documents(md.load_model().eval(), md.load_tokenizer(), val)["bits_per_byte"] if val else None
+    texts = [Path(f) for f in cfg.judge_text]
+    ours = judge(model_dir, texts)["files"] if texts else []
+    table = [("generated val stories (this model)", val_bpb)] if val_bpb is not None else []
+    refs = {}
+    for f in ours:
+        table.append((f"{Path(f['file']).name} (this model)", f["bits_per_byte"]))
+    for ref in cfg.references:
+        refs[str(ref)] = {f["file"]: round(f["bits_per_byte"], 4) for f in judge(ref, texts)["files"]} if texts else {}
+        table += [(f"{Path(f).name} ({ref})", v) for f, v in refs[str(ref)].items()]
+    return {"val_bits_per_byte": round(val_bpb, 4) if val_bpb is not None else None,
+            "judge_text": {f["file"]: round(f["bits_per_byte"], 4) for f in ours},
+            "references": refs, "table": [(n, round(v, 4)) for n, v in table]}
+
+
+def _report(s: dict, samples: list[str], curve: Path, judge: dict | None = None) -> str:
     rows = "\n".join(f"| {k} | {v} |" for k, v in s.items() if k not in ("config", "timings_s"))
     times = "\n".join(f"| {k} | {v} |" for k, v in s["timings_s"].items())
+    judge_rows = "\n".join(f"| {n} | {v} |" for n, v in (judge or {}).get("table", []))
     story_md = "\n\n".join(f"> {x}".replace("\n", "\n> ") for x in samples)
     return f"""# slmforge quickstart report
 
 A {s['params'] / 1e6:.2f}M-parameter Llama-family model pretrained from scratch on {s['stories']:,} stories
-generated offline with the TinyStories seeding formula.
+from {s['teacher']}.
 
 | metric | value |
 |---|---|
 {rows}
+
+## Bits per byte (lower is better; comparable across tokenizers)
+
+| text (model) | bits/byte |
+|---|---|
+{judge_rows}
 
 ## Stage timings (seconds)
 
