@@ -291,3 +291,37 @@ def test_openai_teacher_on_error_fail_keeps_what_succeeded(tmp_path):
     assert got and all(r["topic"] == "the water cycle" for r in got)
     stats = json.loads((tmp_path / "t.jsonl.stats.json").read_text())
     assert stats["failed"] == 30 - len(got) and not stats["complete"]
+
+
+def _base_lm_dir(tmp_path):
+    """A tiny base LM: a model dir whose tokenizer has no chat template."""
+    from conftest import TINY_LLAMA, small_corpus
+    from slmforge.config import ModelConfig
+    from slmforge.model import LlamaModel
+    from slmforge.modeldir import save_model_dir
+    from slmforge.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(small_corpus(), vocab_size=320)
+    tok.chat_template = None
+    model = LlamaModel(ModelConfig(**TINY_LLAMA))
+    model.reset_parameters(seed=0)
+    return save_model_dir(tmp_path / "base", model, tok, {"stage": "test"})
+
+
+def test_base_lm_teacher_samples_from_bos_deterministically_and_resumes(tmp_path):
+    teacher = _base_lm_dir(tmp_path)
+    assert synth.is_base_lm(str(teacher)) and not synth.is_base_lm("builtin")
+    full = synthesize("stories", 6, tmp_path / "a.jsonl", teacher=str(teacher), batch_size=4, progress=False,
+                      max_new_tokens=20)
+    assert full.complete and full.written == 6 and full.usage["completion_tokens"] > 0
+    rows = [json.loads(line) for line in (tmp_path / "a.jsonl").open()]
+    assert [r["prompt"] for r in rows] == [""] * 6 and "seed_words" not in rows[0]
+    assert len({r["text"] for r in rows}) > 1  # one seed per story: not six copies
+    # a run cut after 3 stories and resumed gives the same file: each story's seed is its own
+    synthesize("stories", 3, tmp_path / "b.jsonl", teacher=str(teacher), batch_size=2, progress=False,
+               max_new_tokens=20)
+    synthesize("stories", 6, tmp_path / "b.jsonl", teacher=str(teacher), batch_size=4, progress=False,
+               max_new_tokens=20)
+    assert (tmp_path / "b.jsonl").read_text() == (tmp_path / "a.jsonl").read_text()
+    with pytest.raises(SlmforgeError, match="can only teach `stories`"):
+        synthesize("textbook", 2, tmp_path / "c.jsonl", teacher=str(teacher), progress=False)
