@@ -56,33 +56,50 @@ def test_holdout_is_stratified_deterministic_and_disjoint():
         holdout(labels, 100, seed=0)
 
 
-def test_sst2_counts_stratified_disjoint_deterministic(tmp_path):
+def test_sst2_holds_out_whole_sentences_and_drops_their_phrases(tmp_path):
     stats = prepare_sst2(_data(), tmp_path / "a")
     assert stats["rows_read"] == 67349
     assert stats["duplicates_dropped"] == 371 and stats["conflicting_dropped"] == 5
-    assert stats["counts"] == {"train": 67349 - 371 - 5 - 2000, "test": 2000}
-    train, test = _rows(tmp_path / "a" / "train.jsonl"), _rows(tmp_path / "a" / "test.jsonl")
+    assert stats["phrases"] == 67349 - 371 - 5 and stats["sentences"] == 6885
+    assert stats["counts"] == {"train": 66973 - 1500 - stats["phrases_inside_held_dropped"], "val": 500, "test": 1000}
+    train, val, test = (_rows(tmp_path / "a" / f"{s}.jsonl") for s in ("train", "val", "test"))
     assert set(train[0]) == {"id", "text", "label"} and {r["label"] for r in test} == {"negative", "positive"}
-    assert not {r["text"] for r in train} & {r["text"] for r in test}
-    share = stats["labels"]["positive"] / sum(stats["labels"].values())
-    assert abs(sum(r["label"] == "positive" for r in test) - 2000 * share) <= 1
+    # No training phrase is a word span of a held-out sentence: nothing of theirs is trained on.
+    held = [" " + r["text"] + " " for r in val + test]
+    blob = "\n".join(held)
+    assert not any(f" {r['text']} " in blob for r in train)
+    assert stats["overlap"]["test"]["contained"] == 0 and stats["overlap"]["test"]["train_inside_held"] == 0
+    # val and test are stratified draws from the same sentences: the same label shares
+    assert abs(sum(r["label"] == "positive" for r in test) / 1000 - sum(r["label"] == "positive" for r in val) / 500) < 0.01
     prepare_sst2(_data(), tmp_path / "b")
-    for name in ("train.jsonl", "test.jsonl"):
+    for name in ("train.jsonl", "val.jsonl", "test.jsonl"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
-    other = prepare_sst2(_data(), tmp_path / "c", seed=1, n_test=500, fmt="prompt")
+    other = prepare_sst2(_data(), tmp_path / "c", seed=1, n_test=500, n_val=0, fmt="prompt")
     assert other["counts"]["test"] == 500 and _ids(tmp_path / "c", "test") != _ids(tmp_path / "a", "test")
     row = _rows(tmp_path / "c" / "test.jsonl")[0]
     assert row["prompt"].startswith("Review: ") and row["completion"] == " " + row["label"]
 
 
+def test_sst2_phrase_split_leaks_as_the_review_found(tmp_path):
+    """The old random-phrase split, kept to measure the leak: 1,816 of 2,000 held-out phrases are word spans
+    of a training phrase (1,091 of those with 5+ words)."""
+    stats = prepare_sst2(_data(), tmp_path, unit="phrase", n_test=2000, n_val=0)
+    o = stats["overlap"]["test"]
+    assert stats["counts"] == {"train": 66973 - 2000, "test": 2000}
+    assert (o["exact"], o["contained"], o["contained_5plus_words"]) == (0, 1816, 1091)
+
+
 def test_multi30k_official_split(tmp_path):
     stats = prepare_multi30k(_data(), tmp_path, target="fr", fmt="chat")
-    assert stats["counts"] == {"train": 29000, "test": 1014} and stats["pair"] == "en-fr"
+    dropped = stats["train_dropped_as_held"]  # training captions equal to a val or test caption
+    assert stats["counts"] == {"train": 29000 - 1000 - dropped, "val": 1000, "test": 1014} and stats["pair"] == "en-fr"
+    assert dropped < 10 and stats["overlap"]["test"]["exact"] == 0
     first = _rows(tmp_path / "train.jsonl")[0]
+    i = int(first["id"].rsplit("-", 1)[1])
     with gzip.open(_data() / "multi30k/train.fr.gz", "rt", encoding="utf-8") as f:
-        fr = f.readline().strip()
+        fr = f.read().split("\n")[i].strip()
     assert first["messages"][1] == {"role": "assistant", "content": fr}
-    assert first["messages"][0]["content"].startswith("Translate English to French:\nTwo young, White males")
+    assert first["messages"][0]["content"].startswith("Translate English to French:\n")
     small = prepare_multi30k(_data(), tmp_path / "small", max_train=100, seed=3)
     assert small["counts"]["train"] == 100
     assert _rows(tmp_path / "small" / "train.jsonl")[0]["prompt"].endswith("\nGerman:")
@@ -93,11 +110,13 @@ def test_multi30k_official_split(tmp_path):
 def test_wmt_biomed_split_by_abstract_without_headings(tmp_path):
     stats = prepare_wmt_biomed(_data(), tmp_path)
     docs = stats["documents"]
-    assert docs["train"] + docs["test"] == 75  # 6 + 9 titled abstracts, 28 + 32 "Abstract" ones
-    train, test = _rows(tmp_path / "train.jsonl"), _rows(tmp_path / "test.jsonl")
-    assert len(train) + len(test) == 782 and stats["counts"] == {"train": len(train), "test": len(test)}
-    assert not {r["doc"] for r in train} & {r["doc"] for r in test}
-    sources = [r["prompt"].split("\n")[1] for r in train + test]
+    assert docs["train"] + docs["val"] + docs["test"] == 75  # 6 + 9 titled abstracts, 28 + 32 "Abstract" ones
+    train, val, test = (_rows(tmp_path / f"{s}.jsonl") for s in ("train", "val", "test"))
+    assert len(train) + len(val) + len(test) + stats["train_dropped_as_held"] == 782
+    assert stats["counts"] == {"train": len(train), "val": len(val), "test": len(test)}
+    docs_of = [{r["doc"] for r in rows} for rows in (train, val, test)]
+    assert not docs_of[0] & docs_of[1] and not docs_of[0] & docs_of[2] and not docs_of[1] & docs_of[2]
+    sources = [r["prompt"].split("\n")[1] for r in train + val + test]
     assert not {"Title", "Abstract", "Background", "Methods", "RESULTS"} & set(sources)
     assert test[0]["prompt"].endswith("\nFrench:") or train[0]["prompt"].endswith("\nFrench:")
     assert prepare_wmt_biomed(_data(), tmp_path / "again")["counts"] == stats["counts"]
@@ -126,17 +145,28 @@ def test_pubmedqa_official_test_ids(tmp_path):
 def test_hdfs_sessions_normal_train_and_labelled_test(tmp_path):
     stats = prepare_hdfs(_data(), tmp_path)
     assert stats["normal_sessions"] == 4855 and stats["abnormal_sessions"] == 16838
-    assert stats["counts"] == {"train": 3855, "test": 2000}
-    assert stats["test_labels"] == {"normal": 1000, "anomalous": 1000}
-    train, test = _rows(tmp_path / "train.jsonl"), _rows(tmp_path / "test.jsonl")
+    assert stats["distinct_normal"] == 839 and stats["distinct_abnormal"] == 4123
+    d = stats["test_normal_distinct"]
+    assert d["unseen_in_train"] + d["seen_in_train"] + d["duplicates_dropped"] == 1000
+    n = d["unseen_in_train"]
+    assert stats["counts"] == {"train": 4855 - 1500, "val": 2 * stats["val_labels"]["normal"], "test": 2 * n,
+                               "test_seen": d["seen_in_train"]}
+    train, test, seen = (_rows(tmp_path / f"{s}.jsonl") for s in ("train", "test", "test_seen"))
     assert "label" not in train[0] and train[0]["text"].split()[0].startswith("E")
     assert [int(t[1:]) for t in train[0]["text"].split()] == train[0]["events"]
-    assert not _ids(tmp_path, "train") & _ids(tmp_path, "test")
-    assert Counter(r["label"] for r in test) == {"normal": 1000, "anomalous": 1000}
-    ratio = prepare_hdfs(_data(), tmp_path / "r", n_test_normal=500, abnormal_per_normal=0.2, n_val=100,
+    # Each distinct session once; the ones a training session equals are set apart in test_seen.
+    trained = {r["text"] for r in train}
+    assert len({r["text"] for r in test}) == len(test) and not trained & {r["text"] for r in test}
+    assert {r["text"] for r in seen} <= trained and len({r["text"] for r in seen}) == len(seen)
+    assert Counter(r["label"] for r in test) == {"normal": n, "anomalous": n}
+    ratio = prepare_hdfs(_data(), tmp_path / "r", n_test_normal=500, abnormal_per_normal=0.5, n_val=100,
                          seed=1)
-    assert ratio["counts"] == {"train": 4255, "val": 100, "test": 600}
-    assert not _ids(tmp_path / "r", "val") & (_ids(tmp_path / "r", "train") | _ids(tmp_path / "r", "test"))
+    r = ratio["counts"]
+    assert r["train"] == 4255 and r["test"] == ratio["test_normal_distinct"]["unseen_in_train"] + ratio["test_labels"]["anomalous"]
+    assert ratio["test_labels"]["anomalous"] == round(0.5 * ratio["test_normal_distinct"]["unseen_in_train"])
+    val_texts = {x["text"] for x in _rows(tmp_path / "r" / "val.jsonl")}
+    assert not val_texts & ({x["text"] for x in _rows(tmp_path / "r" / "test.jsonl")} | {
+        x["text"] for x in _rows(tmp_path / "r" / "train.jsonl")})
     with pytest.raises(SlmforgeError, match="must be below 4855"):
         prepare_hdfs(_data(), tmp_path / "x", n_test_normal=5000)
 
@@ -202,13 +232,13 @@ def test_inspec_from_zip(tmp_path):
 
 def test_dialogsum_split(tmp_path):
     stats = prepare_dialogsum(_data(), tmp_path, fmt="chat")
-    assert stats["dialogues"] == 500 and stats["counts"] == {"train": 400, "test": 100}
+    assert stats["dialogues"] == 500 and stats["counts"] == {"train": 350, "val": 50, "test": 100}
     assert not _ids(tmp_path, "train") & _ids(tmp_path, "test")
     row = _rows(tmp_path / "test.jsonl")[0]
     assert row["messages"][0]["content"].startswith("Summarize the dialogue.\n#Person1#:")
     assert row["topic"] and row["messages"][1]["content"] == row["messages"][1]["content"].strip()
     more = prepare_dialogsum(_data(), tmp_path / "more", add_samsum=True)
-    assert more["counts"] == {"train": 400 + 818, "test": 100} and len(more["sources"]) == 2
+    assert more["counts"] == {"train": 350 + 818, "val": 50, "test": 100} and len(more["sources"]) == 2
     assert _ids(tmp_path / "more", "test") == _ids(tmp_path, "test")  # the test split stays DialogSum's
     samsum = [r for r in _rows(tmp_path / "more" / "train.jsonl") if r["id"].startswith("samsum-")]
     assert len(samsum) == 818 and all(r["prompt"].endswith("\nSummary:") and r["completion"].strip() for r in samsum)
@@ -241,7 +271,7 @@ def test_failed_write_keeps_previous_output(tmp_path, monkeypatch):
     (tmp_path / "sst2").mkdir()
     rows = "".join(f"t{i}\t{i % 2}\n" for i in range(10))
     (tmp_path / "sst2" / "train.tsv").write_text("text\tlabel\n" + rows)
-    prepare_sst2(tmp_path, tmp_path / "out", n_test=2)
+    prepare_sst2(tmp_path, tmp_path / "out", n_test=2, n_val=2)
     before = (tmp_path / "out" / "test.jsonl").read_bytes()
 
     def broken(path, text):
@@ -249,6 +279,56 @@ def test_failed_write_keeps_previous_output(tmp_path, monkeypatch):
 
     monkeypatch.setattr(task_data, "atomic_write_text", broken)
     with pytest.raises(OSError):
-        prepare_sst2(tmp_path, tmp_path / "out", n_test=3)
+        prepare_sst2(tmp_path, tmp_path / "out", n_test=3, n_val=2)
     assert (tmp_path / "out" / "test.jsonl").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "sst2"]  # no temp folder left
+
+
+# Every loader, as the recipes call it: no test (or val) input may be a training input. Inputs are compared
+# in the form the model sees them (the same template wraps every row, so equal prompts mean equal inputs).
+
+
+def _input_of(row: dict) -> str:
+    if "messages" in row:
+        return "\n".join(m["content"] for m in row["messages"][:-1])
+    return row.get("prompt") or row["text"]
+
+
+def _recipe_data_options():
+    import yaml
+
+    from slmforge.recipes import RECIPE_DIR
+
+    for path in sorted(RECIPE_DIR.glob("*.yaml")):
+        data = yaml.safe_load(path.read_text())["data"]
+        yield pytest.param(data["loader"], data.get("options") or {}, id=path.stem)
+
+
+@pytest.mark.parametrize("loader,options", list(_recipe_data_options()))
+def test_no_loader_puts_a_held_out_input_in_train(tmp_path, loader, options):
+    if loader == "support_chat":
+        from slmforge.data.supportgen import prepare_support_chat
+
+        stats = {"": prepare_support_chat(tmp_path, **options)}
+    else:
+        stats = task_data.prepare(loader, _data(), tmp_path, **options)
+        stats = {k: v for k, v in stats.items() if isinstance(v, dict) and "counts" in v} or {"": stats}
+    for sub, st in stats.items():
+        folder = tmp_path / sub
+        train = {task_data.normalize(_input_of(r)) for r in _rows(folder / "train.jsonl")}
+        for held in ("val", "test"):
+            if (folder / f"{held}.jsonl").is_file():
+                rows = _rows(folder / f"{held}.jsonl")
+                assert rows and not train & {task_data.normalize(_input_of(r)) for r in rows}, (sub, held)
+                assert st["overlap"][held]["exact"] == 0
+
+
+def test_overlap_report_counts_exact_contained_and_ngrams():
+    train = ["the cat sat on the mat today", "a dog ran", "One Two three four five six seven eight nine ten "
+             "eleven twelve thirteen fourteen"]
+    held = ["The  CAT sat", "a dog ran", "nothing here", "sat on the mat", "x one two three four five six seven "
+            "eight nine ten eleven twelve thirteen"]
+    o = task_data.overlap_report(train, held)
+    assert o["exact"] == 1 and o["contained"] == 3 and o["contained_5plus_words"] == 0
+    assert o["train_inside_held"] == 1  # "a dog ran"
+    assert o["13gram_inputs"] == 1 and o["with_13gram_overlap"] == 1 and o["mean_13gram_share"] == 0.5

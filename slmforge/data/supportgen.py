@@ -78,13 +78,24 @@ def conversation(seed: int, index: int) -> dict:
     return {"id": f"support-{seed}-{index}", "messages": messages, "product": product, "issue": issue}
 
 
-def prepare_support_chat(out_dir: str | Path, seed: int = 0, n: int = 2000, n_test: int = 200) -> dict:
-    """Write n generated conversations as chat JSONL: the last n_test are the test split."""
-    from slmforge.evaluate.task_data import _write_splits
+def prepare_support_chat(out_dir: str | Path, seed: int = 0, n: int = 2000, n_test: int = 200,
+                         n_val: int = 100) -> dict:
+    """Write n generated conversations as chat JSONL: the last n_test are the test split, the n_val before
+    them val. A training conversation whose customer turns equal a held-out one's is dropped (the generator
+    can repeat itself)."""
+    from slmforge.evaluate.task_data import _write_splits, drop_held
 
-    if not 0 < n_test < n:
-        raise SlmforgeError(f"support_chat: n_test {n_test} must be between 1 and n - 1 = {n - 1}")
+    if not (0 < n_test and 0 <= n_val and n_test + n_val < n):
+        raise SlmforgeError(f"support_chat: n_test {n_test} + n_val {n_val} must be below n = {n}")
     rows = [conversation(seed, i) for i in range(n)]
-    return _write_splits(out_dir, {"train": rows[:n - n_test], "test": rows[n - n_test:]},
+    cut = n - n_test - n_val
+    splits = {"train": rows[:cut], "val": rows[cut:n - n_test], "test": rows[n - n_test:]}
+    if not n_val:
+        del splits["val"]
+    inputs = {k: ["\n".join(m["content"] for m in r["messages"] if m["role"] == "user") for r in v]
+              for k, v in splits.items()}
+    dropped = drop_held(splits, inputs)
+    return _write_splits(out_dir, splits,
                          {"task": "support_chat", "kind": "chat", "seed": seed, "conversations": n,
-                          "issues": sorted(ISSUES), "products": PRODUCTS})
+                          "train_dropped_as_held": dropped, "issues": sorted(ISSUES), "products": PRODUCTS},
+                         inputs)

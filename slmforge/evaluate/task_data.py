@@ -95,8 +95,13 @@ def holdout(labels: Sequence[str], n_test: int, seed: int) -> tuple[list[int], l
     return [i for i in range(len(labels)) if i not in chosen], sorted(test)
 
 
-def _write_splits(out_dir: str | Path, splits: dict[str, list[dict]], stats: dict) -> dict:
-    """Write every split and stats.json into a folder beside out_dir, then swap it into place."""
+def _write_splits(out_dir: str | Path, splits: dict[str, list[dict]], stats: dict,
+                  inputs: dict[str, list[str]] | None = None) -> dict:
+    """Write every split and stats.json into a folder beside out_dir, then swap it into place. inputs: the
+    raw input of every row per split; each held-out split's overlap_report with train goes into stats."""
+    if inputs is not None:
+        stats = {**stats, "overlap": {name: overlap_report(inputs["train"], inputs[name])
+                                      for name in splits if name != "train" and name in inputs}}
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -129,17 +134,91 @@ def _read_text(path: Path) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Leakage: how much of a held-out split is already in train
+
+
+def normalize(text: str) -> str:
+    """Lowercased, whitespace collapsed: the form inputs are compared in."""
+    return " ".join(text.lower().split())
+
+
+def _word_ngrams(words: list[str], n: int) -> set[int]:
+    return {hash(tuple(words[i:i + n])) for i in range(len(words) - n + 1)}
+
+
+def overlap_report(train: Sequence[str], held: Sequence[str], n: int = 13) -> dict:
+    """How much of the held-out inputs `held` the training inputs `train` already hold, on raw inputs
+    (not prompts: a shared template is not leakage). exact: equal after normalize(); contained: occurs as a
+    word span inside a training input (GLUE SST-2's phrases are spans of its sentences); train_inside_held:
+    training inputs that are word spans of a held input (a sub-phrase whose label is seen); ngram: held
+    inputs sharing a word n-gram with train (13, GPT-3's contamination check) and the mean share of their
+    n-grams that do."""
+    train_norm, held_norm = [normalize(t) for t in train], [normalize(h) for h in held]
+    train_set = set(train_norm)
+    # A word span of s is a substring of " s " bounded by spaces; one string holding every training input
+    # between newlines answers "is it a span of some training input" with one substring search.
+    train_blob = "\n " + " \n ".join(train_norm) + " \n"
+    contained = [h for h in held_norm if h and (h in train_set or f" {h} " in train_blob)]
+    held_spans: set[str] = set()
+    for h in set(held_norm):
+        w = h.split()
+        if len(w) <= 64:  # every span of short inputs; long ones only match train inputs exactly
+            held_spans.update(" ".join(w[i:j]) for i in range(len(w)) for j in range(i + 1, len(w) + 1))
+        else:
+            held_spans.add(h)
+    train_grams: set[int] = set()
+    for t in train_norm:
+        train_grams |= _word_ngrams(t.split(), n)
+    shares = []
+    for h in held_norm:
+        grams = _word_ngrams(h.split(), n)
+        if grams:
+            shares.append(len(grams & train_grams) / len(grams))
+    return {"held": len(held), "train": len(train), "exact": sum(h in train_set for h in held_norm),
+            "contained": len(contained), "contained_5plus_words": sum(len(h.split()) >= 5 for h in contained),
+            "train_inside_held": sum(t in held_spans for t in train_norm),
+            f"with_{n}gram_overlap": sum(s > 0 for s in shares), f"{n}gram_inputs": len(shares),
+            f"mean_{n}gram_share": round(sum(shares) / len(shares), 4) if shares else None,
+            "examples": [h[:100] for h in contained[:3]]}
+
+
+def drop_held(splits: dict[str, list[dict]], inputs: dict[str, list[str]]) -> int:
+    """Remove from train every row whose input equals (after normalize) a val or test input; returns how
+    many. A held-out input must not be a training example, whatever else the loader does."""
+    held = {normalize(x) for name, xs in inputs.items() if name != "train" for x in xs}
+    keep = [i for i, x in enumerate(inputs["train"]) if normalize(x) not in held]
+    dropped = len(inputs["train"]) - len(keep)
+    splits["train"] = [splits["train"][i] for i in keep]
+    inputs["train"] = [inputs["train"][i] for i in keep]
+    return dropped
+
+
+# ---------------------------------------------------------------------------------------------------------
 # SST-2 (sentiment classification)
 
 SST2_TEMPLATE = "Review: {text}\nSentiment (positive or negative):"
 
 
-def prepare_sst2(data_dir: str | Path, out_dir: str | Path, seed: int = 0, n_test: int = 2000,
-                 fmt: str = "classification") -> dict:
-    """GLUE SST-2 train.tsv (text<TAB>0|1, header) → train / stratified held-out test, labels
-    negative/positive. Exact duplicate texts are kept once (and texts given both labels dropped), so no
-    test sentence is also a training example."""
+def _spans(words: list[str], proper: bool = False) -> list[str]:
+    """Every contiguous word span of a phrase (proper: not the whole phrase)."""
+    n = len(words)
+    return [" ".join(words[i:j]) for i in range(n) for j in range(i + 1, n + 1) if not (proper and j - i == n)]
+
+
+def prepare_sst2(data_dir: str | Path, out_dir: str | Path, seed: int = 0, n_test: int = 1000, n_val: int = 500,
+                 unit: str = "sentence", fmt: str = "classification") -> dict:
+    """GLUE SST-2 train.tsv (text<TAB>0|1, header) → train / val / test, labels negative/positive.
+
+    GLUE's train.tsv holds whole review sentences and the sub-phrases of their parse trees, so a random
+    held-out phrase is nearly always a word span of a training phrase. unit "sentence" (the default) holds
+    out whole sentences — phrases that are a span of no other phrase — stratified, and drops from train
+    every phrase that is a span of a held-out sentence: val and test are unseen sentences and nothing of
+    theirs is trained on (nor pretrained on: the recipes' in-domain text is train.jsonl). unit "phrase" is
+    the old random-phrase split, kept only to measure that leak. Exact duplicates are kept once and texts
+    given both labels dropped."""
     _check_fmt(fmt, FORMATS)
+    if unit not in ("sentence", "phrase"):
+        raise SlmforgeError(f"sst2: unit {unit!r}: one of sentence, phrase")
     path = _source(data_dir, "sst2/train.tsv")
     lines = _lines(path)
     if not lines or lines[0].split("\t") != ["text", "label"]:
@@ -156,15 +235,36 @@ def prepare_sst2(data_dir: str | Path, out_dir: str | Path, seed: int = 0, n_tes
             conflicting.add(text)
         first.setdefault(text, label)
     examples = [(t, lab) for t, lab in first.items() if t not in conflicting]
-    train_idx, test_idx = holdout([lab for _, lab in examples], n_test, seed)
+    index = {t: i for i, (t, _) in enumerate(examples)}
+    inside_other = {index[s] for t, _ in examples for s in _spans(t.split(), proper=True) if s in index}
+    pool = list(range(len(examples))) if unit == "phrase" else \
+        [i for i in range(len(examples)) if i not in inside_other]
+    labels = [examples[i][1] for i in pool]
+    rest, test = holdout(labels, n_test, seed)
+    val = []
+    if n_val:
+        rest_val = holdout([labels[i] for i in rest], n_val, seed + 1)[1]
+        val = [rest[i] for i in rest_val]
+    test_idx, val_idx = [pool[i] for i in test], [pool[i] for i in val]
+    held = set(test_idx) | set(val_idx)
+    inside_held = set()
+    if unit == "sentence":
+        inside_held = {index[s] for i in held for s in _spans(examples[i][0].split()) if s in index} - held
+    train_idx = [i for i in range(len(examples)) if i not in held and i not in inside_held]
 
     def rows(idx):
         return [_label_row(f"sst2-{i}", examples[i][0], examples[i][1], fmt, SST2_TEMPLATE) for i in idx]
 
-    return _write_splits(out_dir, {"train": rows(train_idx), "test": rows(test_idx)}, {
-        "task": "sst2", "kind": "classification", "format": fmt, "seed": seed, "sources": [str(path)],
-        "rows_read": len(lines) - 1, "duplicates_dropped": len(lines) - 1 - len(first),
-        "conflicting_dropped": len(conflicting), "labels": Counter(lab for _, lab in examples)})
+    idx = {"train": train_idx, "val": val_idx, "test": test_idx}
+    if not n_val:
+        del idx["val"]
+    return _write_splits(out_dir, {k: rows(v) for k, v in idx.items()}, {
+        "task": "sst2", "kind": "classification", "format": fmt, "seed": seed, "unit": unit,
+        "sources": [str(path)], "rows_read": len(lines) - 1, "duplicates_dropped": len(lines) - 1 - len(first),
+        "conflicting_dropped": len(conflicting), "phrases": len(examples),
+        "sentences": len(examples) - len(inside_other), "phrases_inside_held_dropped": len(inside_held),
+        "labels": {k: Counter(examples[i][1] for i in v) for k, v in idx.items()}},
+        inputs={k: [examples[i][0] for i in v] for k, v in idx.items()})
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -191,30 +291,44 @@ def _aligned(src_path: Path, tgt_path: Path) -> list[tuple[str, str]]:
 
 
 def prepare_multi30k(data_dir: str | Path, out_dir: str | Path, seed: int = 0, source: str = "en",
-                     target: str = "de", max_train: int | None = None, fmt: str = "prompt") -> dict:
-    """Multi30k task 1 captions, official split: train (29,000) → train.jsonl, val (1,014) → test.jsonl.
-    max_train keeps a seeded sample of the training pairs (source order preserved)."""
+                     target: str = "de", n_val: int = 1000, max_train: int | None = None,
+                     fmt: str = "prompt") -> dict:
+    """Multi30k task 1 captions: the official val (1,014) → test.jsonl; the official train (29,000) →
+    a seeded val of n_val pairs and train.jsonl. Training pairs whose source caption is also a val or test
+    caption are dropped. max_train keeps a seeded sample of the training pairs (source order preserved)."""
     _check_fmt(fmt, ("prompt", "chat"))
     _check_pair(source, target)
     files = {(split, lang): _source(data_dir, f"multi30k/{split}.{lang}.gz")
              for split in ("train", "val") for lang in (source, target)}
-    splits, skipped = {}, 0
-    for split, out_name in (("train", "train"), ("val", "test")):
-        pairs = _aligned(files[split, source], files[split, target])
-        idx = list(range(len(pairs)))
-        if out_name == "train" and max_train is not None and max_train < len(idx):
-            idx = sorted(random.Random(seed).sample(idx, max_train))
-        rows = []
-        for i in idx:
-            s, t = pairs[i]
+    train_pairs = _aligned(files["train", source], files["train", target])
+    test_pairs = _aligned(files["val", source], files["val", target])
+    if not 0 <= n_val < len(train_pairs):
+        raise SlmforgeError(f"multi30k: n_val {n_val} must be below {len(train_pairs)}")
+    rng = random.Random(seed)
+    val_idx = set(rng.sample(range(len(train_pairs)), n_val))
+    parts = {"train": [("train", i) for i in range(len(train_pairs)) if i not in val_idx],
+             "val": [("train", i) for i in sorted(val_idx)], "test": [("val", i) for i in range(len(test_pairs))]}
+    if max_train is not None and max_train < len(parts["train"]):
+        parts["train"] = sorted(rng.sample(parts["train"], max_train))
+    splits: dict[str, list[dict]] = {}
+    inputs: dict[str, list[str]] = {}
+    skipped = 0
+    for name, keys in parts.items():
+        splits[name], inputs[name] = [], []
+        for split, i in keys:
+            s, t = (train_pairs if split == "train" else test_pairs)[i]
             if not s or not t:
                 skipped += 1
                 continue
-            rows.append(_as_row(f"multi30k-{split}-{i}", translation_prompt(s, source, target), t, fmt))
-        splits[out_name] = rows
+            splits[name].append(_as_row(f"multi30k-{split}-{i}", translation_prompt(s, source, target), t, fmt))
+            inputs[name].append(s)
+    if not n_val:
+        del splits["val"], inputs["val"]
+    dropped = drop_held(splits, inputs)
     return _write_splits(out_dir, splits, {
         "task": "multi30k", "kind": "translation", "pair": f"{source}-{target}", "format": fmt, "seed": seed,
-        "max_train": max_train, "empty_pairs_dropped": skipped, "sources": sorted(map(str, files.values()))})
+        "max_train": max_train, "empty_pairs_dropped": skipped, "train_dropped_as_held": dropped,
+        "sources": sorted(map(str, files.values()))}, inputs)
 
 
 # A Medline test file is abstracts one after another, sentence-aligned, each starting with a "Title" or
@@ -240,15 +354,18 @@ def read_medline_docs(en_path: Path, fr_path: Path) -> list[list[tuple[str, str]
 
 
 def prepare_wmt_biomed(data_dir: str | Path, out_dir: str | Path, seed: int = 0, source: str = "en",
-                       target: str = "fr", test_fraction: float = 0.5, fmt: str = "prompt") -> dict:
+                       target: str = "fr", test_fraction: float = 0.5, val_fraction: float = 0.1,
+                       fmt: str = "prompt") -> dict:
     """WMT19 biomedical EN↔FR (both test sets, medline19_en2fr.* and medline19_fr2en.*, pooled) →
-    a seeded split by whole abstract into train (in-domain fine-tuning) and test (in-domain evaluation).
+    a seeded split by whole abstract into test (in-domain evaluation), val (val_fraction of the abstracts)
+    and train (in-domain fine-tuning); training sentences equal to a held-out one are dropped.
     Pair with prepare_multi30k(target="fr") as the general-domain set for a domain-transfer comparison."""
     _check_fmt(fmt, ("prompt", "chat"))
     if {source, target} != {"en", "fr"}:
         raise SlmforgeError(f"wmt_biomed is English-French: got {source}-{target}")
-    if not 0 < test_fraction < 1:
-        raise SlmforgeError(f"test_fraction {test_fraction} must be between 0 and 1")
+    if not (0 < test_fraction < 1 and 0 <= val_fraction < 1 and test_fraction + val_fraction < 1):
+        raise SlmforgeError(f"test_fraction {test_fraction} and val_fraction {val_fraction}: each in [0, 1), "
+                            f"test above 0, sum below 1")
     docs, sources = [], []
     for name in ("medline19_en2fr", "medline19_fr2en"):
         en, fr = (_source(data_dir, f"medical/wmt_biomed/{name}.{lang}") for lang in ("en", "fr"))
@@ -256,24 +373,32 @@ def prepare_wmt_biomed(data_dir: str | Path, out_dir: str | Path, seed: int = 0,
         docs += [(f"{name}-{d}", pairs) for d, pairs in enumerate(read_medline_docs(en, fr))]
     order = list(range(len(docs)))
     random.Random(seed).shuffle(order)
-    n_test = max(1, min(len(docs) - 1, round(test_fraction * len(docs))))
-    test_docs = set(order[:n_test])
-    splits = {"train": [], "test": []}
+    n_test = max(1, min(len(docs) - 2, round(test_fraction * len(docs))))
+    n_val = min(len(docs) - n_test - 1, round(val_fraction * len(docs)))
+    part = {d: "test" for d in order[:n_test]} | {d: "val" for d in order[n_test:n_test + n_val]}
+    splits: dict[str, list[dict]] = {"train": [], "val": [], "test": []}
+    inputs: dict[str, list[str]] = {"train": [], "val": [], "test": []}
     for d, (doc_id, pairs) in enumerate(docs):
         for j, (en, fr) in enumerate(pairs):
             s, t = (en, fr) if source == "en" else (fr, en)
-            splits["test" if d in test_docs else "train"].append(
-                _as_row(f"{doc_id}-{j}", translation_prompt(s, source, target), t, fmt, doc=doc_id))
+            name = part.get(d, "train")
+            splits[name].append(_as_row(f"{doc_id}-{j}", translation_prompt(s, source, target), t, fmt, doc=doc_id))
+            inputs[name].append(s)
+    if not n_val:
+        del splits["val"], inputs["val"]
+    dropped = drop_held(splits, inputs)
     return _write_splits(out_dir, splits, {
         "task": "wmt_biomed", "kind": "translation", "pair": f"{source}-{target}", "format": fmt,
-        "seed": seed, "documents": {"train": len(docs) - n_test, "test": n_test}, "sources": sources})
+        "seed": seed, "documents": {"train": len(docs) - n_test - n_val, "val": n_val, "test": n_test},
+        "train_dropped_as_held": dropped, "sources": sources}, inputs)
 
 
 def prepare_translation_domain(data_dir: str | Path, out_dir: str | Path, seed: int = 0,
                                max_general_train: int | None = None, fmt: str = "prompt") -> dict:
     """The EN→FR domain-transfer set: out_dir/general (Multi30k) and out_dir/medical (Medline)."""
     out = Path(out_dir)
-    return {"general": prepare_multi30k(data_dir, out / "general", seed, "en", "fr", max_general_train, fmt),
+    return {"general": prepare_multi30k(data_dir, out / "general", seed, "en", "fr",
+                                        max_train=max_general_train, fmt=fmt),
             "medical": prepare_wmt_biomed(data_dir, out / "medical", seed, "en", "fr", fmt=fmt)}
 
 
@@ -325,10 +450,13 @@ def prepare_pubmedqa(data_dir: str | Path, out_dir: str | Path, seed: int = 0, n
               "test": rows([p for p in examples if p in truth])}
     if not n_val:
         del splits["val"]
+    ids = {"train": [others[i] for i in train_idx], "val": [others[i] for i in val_idx],
+           "test": [p for p in examples if p in truth]}
     return _write_splits(out_dir, splits, {
         "task": "pubmedqa", "kind": "classification", "format": fmt, "seed": seed, "questions": len(examples),
         "labels": {name: Counter(r.get("label") for r in rows) for name, rows in splits.items()},
-        "sources": [str(path), str(truth_path)]})
+        "sources": [str(path), str(truth_path)]},
+        inputs={name: [examples[p][0] for p in ids[name]] for name in splits})
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -352,11 +480,18 @@ def _read_sessions(path: Path) -> list[list[int]]:
 
 
 def prepare_hdfs(data_dir: str | Path, out_dir: str | Path, seed: int = 0, n_test_normal: int = 1000,
-                 abnormal_per_normal: float = 1.0, n_val: int = 0) -> dict:
+                 abnormal_per_normal: float = 1.0, n_val: int = 500) -> dict:
     """DeepLog's HDFS block sessions. hdfs_train (4,855 normal sessions) → a seeded hold-out of
-    n_test_normal normal sessions for test, the rest (minus n_val) to train the next-event LM on normal
-    behaviour only; test adds round(abnormal_per_normal * n_test_normal) sessions sampled from
-    hdfs_test_abnormal (16,838), labelled "anomalous". Rows: {"id", "text", "events", "label"}.
+    n_test_normal sessions for test and n_val for val, the rest to train the next-event LM on normal
+    behaviour only.
+
+    Normal HDFS sessions repeat a few shapes (4,855 sessions, 839 distinct), so most held-out sessions
+    occur verbatim in train: a model that memorised train calls them normal without having learned
+    anything. test.jsonl and val.jsonl therefore hold each distinct held-out normal session once, and only
+    those found in no training session; the ones seen in train are written once each to test_seen.jsonl
+    and counted apart in stats.json. Each gets round(abnormal_per_normal * its normal count) distinct
+    sessions of hdfs_test_abnormal (16,838 sessions, 4,123 distinct), labelled "anomalous", val and test
+    disjoint. Rows: {"id", "text", "events", "label"}.
 
     DeepLog flags a test session as anomalous when any of its events is not among the model's top-g
     predictions given the events before it; evaluate with binary_metrics(positive="anomalous")."""
@@ -365,35 +500,59 @@ def prepare_hdfs(data_dir: str | Path, out_dir: str | Path, seed: int = 0, n_tes
     normal, abnormal = _read_sessions(normal_path), _read_sessions(abnormal_path)
     if not 0 < n_test_normal + n_val < len(normal):
         raise SlmforgeError(f"n_test_normal + n_val = {n_test_normal + n_val}: must be below {len(normal)}")
-    n_abnormal = round(abnormal_per_normal * n_test_normal)
-    if not 0 <= n_abnormal <= len(abnormal):
-        raise SlmforgeError(f"{n_abnormal} abnormal test sessions asked, {abnormal_path} has {len(abnormal)}")
     rng = random.Random(seed)
     order = list(range(len(normal)))
     rng.shuffle(order)
-    test_normal, val = sorted(order[:n_test_normal]), sorted(order[n_test_normal:n_test_normal + n_val])
-    held = set(test_normal) | set(val)
-    test_abnormal = sorted(rng.sample(range(len(abnormal)), n_abnormal))
+    test_pool, val_pool = sorted(order[:n_test_normal]), sorted(order[n_test_normal:n_test_normal + n_val])
+    held = set(test_pool) | set(val_pool)
+    train = [i for i in range(len(normal)) if i not in held]
+    seen = {tuple(normal[i]) for i in train}
+
+    def distinct(pool: list[int], exclude: set) -> tuple[list[int], list[int]]:
+        """First occurrence of each distinct session in pool: (unseen in train, seen in train)."""
+        firsts, got = [], set(exclude)
+        for i in pool:
+            if tuple(normal[i]) not in got:
+                got.add(tuple(normal[i]))
+                firsts.append(i)
+        return [i for i in firsts if tuple(normal[i]) not in seen], [i for i in firsts if tuple(normal[i]) in seen]
+
+    test_normal, test_seen = distinct(test_pool, set())
+    val_normal, _ = distinct(val_pool, {tuple(normal[i]) for i in test_pool})
+    firsts: dict[tuple, int] = {}
+    for i, s in enumerate(abnormal):
+        if tuple(s) not in seen:
+            firsts.setdefault(tuple(s), i)
+    abnormal_idx = sorted(firsts.values())
+    n_abn_test, n_abn_val = round(abnormal_per_normal * len(test_normal)), round(abnormal_per_normal * len(val_normal))
+    if n_abn_test + n_abn_val > len(abnormal_idx):
+        raise SlmforgeError(f"{n_abn_test + n_abn_val} distinct abnormal sessions asked, {abnormal_path} has "
+                            f"{len(abnormal_idx)}")
+    picked = rng.sample(abnormal_idx, n_abn_test + n_abn_val)
+    test_abnormal, val_abnormal = sorted(picked[:n_abn_test]), sorted(picked[n_abn_test:])
     splits = {
-        "train": [_session_row(f"hdfs-normal-{i}", normal[i]) for i in range(len(normal)) if i not in held],
-        "val": [_session_row(f"hdfs-normal-{i}", normal[i], "normal") for i in val],
+        "train": [_session_row(f"hdfs-normal-{i}", normal[i]) for i in train],
+        "val": [_session_row(f"hdfs-normal-{i}", normal[i], "normal") for i in val_normal]
+        + [_session_row(f"hdfs-abnormal-{i}", abnormal[i], "anomalous") for i in val_abnormal],
         "test": [_session_row(f"hdfs-normal-{i}", normal[i], "normal") for i in test_normal]
         + [_session_row(f"hdfs-abnormal-{i}", abnormal[i], "anomalous") for i in test_abnormal],
+        "test_seen": [_session_row(f"hdfs-normal-{i}", normal[i], "normal") for i in test_seen],
     }
     if not n_val:
         del splits["val"]
     events = Counter(e for s in normal for e in s)
-    # Normal HDFS sessions repeat a few shapes, so many test sessions also occur verbatim in train; an
-    # anomalous session identical to a training (normal) one cannot be caught by any sequence model.
-    seen = {tuple(r["events"]) for r in splits["train"]}
-    in_train = Counter(r["label"] for r in splits["test"] if tuple(r["events"]) in seen)
+    inputs = {name: [r["text"] for r in rows] for name, rows in splits.items()}
     return _write_splits(out_dir, splits, {
         "task": "hdfs", "kind": "anomaly", "seed": seed, "normal_sessions": len(normal),
-        "abnormal_sessions": len(abnormal),
-        "test_labels": {"normal": len(test_normal), "anomalous": n_abnormal},
+        "abnormal_sessions": len(abnormal), "distinct_normal": len(set(map(tuple, normal))),
+        "distinct_abnormal": len(abnormal_idx),
+        "held_normal": {"test": len(test_pool), "val": len(val_pool)},
+        "test_normal_distinct": {"unseen_in_train": len(test_normal), "seen_in_train": len(test_seen),
+                                 "duplicates_dropped": len(test_pool) - len(test_normal) - len(test_seen)},
+        "test_labels": {"normal": len(test_normal), "anomalous": n_abn_test},
+        "val_labels": {"normal": len(val_normal), "anomalous": n_abn_val},
         "train_event_vocab": sorted(events), "empty_sessions": sum(1 for s in normal + abnormal if not s),
-        "test_in_train": {lab: in_train[lab] for lab in ("normal", "anomalous")},
-        "sources": [str(normal_path), str(abnormal_path)]})
+        "sources": [str(normal_path), str(abnormal_path)]}, inputs)
 
 
 # "081109 203615 148 INFO dfs.DataNode$PacketResponder: PacketResponder 1 for block blk_38 terminating"
@@ -554,9 +713,9 @@ def read_inspec(zip_path: Path) -> list[dict]:
 
 
 def prepare_inspec(data_dir: str | Path, out_dir: str | Path, seed: int = 0, n_test: int = 500,
-                   n_val: int = 0, fmt: str = "prompt") -> dict:
+                   n_val: int = 100, fmt: str = "prompt") -> dict:
     """Inspec (Hulth 2003; 2,000 abstracts) → prompt (title + abstract) / completion (gold keyphrases
-    joined with "; "), gold list kept as "keyphrases"; a seeded test (500) and optional val split."""
+    joined with "; "), gold list kept as "keyphrases"; seeded test (500) and val (100; 0 for none) splits."""
     _check_fmt(fmt, ("prompt", "chat"))
     path = _source(data_dir, "keyphrase/Inspec.zip")
     docs = read_inspec(path)
@@ -566,16 +725,20 @@ def prepare_inspec(data_dir: str | Path, out_dir: str | Path, seed: int = 0, n_t
     random.Random(seed).shuffle(order)
     part = {i: "test" for i in order[:n_test]} | {i: "val" for i in order[n_test:n_test + n_val]}
     splits: dict[str, list[dict]] = {"train": [], "val": [], "test": []}
+    inputs: dict[str, list[str]] = {"train": [], "val": [], "test": []}
     for i, d in enumerate(docs):
         prompt = INSPEC_TEMPLATE.format(title=d["title"], abstract=d["abstract"])
         completion = "; ".join(k.replace(";", ",") for k in d["keyphrases"])  # ";" is the separator
         splits[part.get(i, "train")].append(
             _as_row(f"inspec-{d['id']}", prompt, completion, fmt, keyphrases=d["keyphrases"]))
+        inputs[part.get(i, "train")].append(f"{d['title']} {d['abstract']}")
     if not n_val:
-        del splits["val"]
+        del splits["val"], inputs["val"]
+    dropped = drop_held(splits, inputs)
     return _write_splits(out_dir, splits, {
         "task": "inspec", "kind": "keyphrase", "format": fmt, "seed": seed, "documents": len(docs),
-        "keyphrases": sum(len(d["keyphrases"]) for d in docs), "sources": [str(path)]})
+        "keyphrases": sum(len(d["keyphrases"]) for d in docs), "train_dropped_as_held": dropped,
+        "sources": [str(path)]}, inputs)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -600,8 +763,8 @@ def read_samsum(path: Path) -> list[dict]:
 
 
 def prepare_dialogsum(data_dir: str | Path, out_dir: str | Path, seed: int = 0, n_test: int = 100,
-                      fmt: str = "prompt", add_samsum: bool = False) -> dict:
-    """DialogSum dev (500 dialogues) → prompt (dialogue) / completion (summary), seeded test split;
+                      n_val: int = 50, fmt: str = "prompt", add_samsum: bool = False) -> dict:
+    """DialogSum dev (500 dialogues) → prompt (dialogue) / completion (summary), seeded test and val splits;
     "topic" kept alongside. add_samsum: also train on SAMSum's 818 validation dialogues (chat-style
     dialogues with abstractive summaries — more of the same task; the test split stays DialogSum's)."""
     _check_fmt(fmt, ("prompt", "chat"))
@@ -611,14 +774,17 @@ def prepare_dialogsum(data_dir: str | Path, out_dir: str | Path, seed: int = 0, 
         if not isinstance(obj.get("dialogue"), str) or not isinstance(obj.get("summary"), str):
             raise SlmforgeError(f"{path}:{lineno}: needs string fields 'dialogue' and 'summary'")
         rows.append(obj)
-    if not 0 < n_test < len(rows):
-        raise SlmforgeError(f"n_test {n_test} must be between 1 and {len(rows) - 1}")
-    test = set(random.Random(seed).sample(range(len(rows)), n_test))
-    splits: dict[str, list[dict]] = {"train": [], "test": []}
+    if not (0 < n_test and 0 <= n_val and n_test + n_val < len(rows)):
+        raise SlmforgeError(f"n_test {n_test} + n_val {n_val} must be below {len(rows)}, n_test above 0")
+    order = random.Random(seed).sample(range(len(rows)), n_test + n_val)
+    part = {i: "test" for i in order[:n_test]} | {i: "val" for i in order[n_test:]}
+    splits: dict[str, list[dict]] = {"train": [], "val": [], "test": []}
+    inputs: dict[str, list[str]] = {"train": [], "val": [], "test": []}
     for i, obj in enumerate(rows):
         row = _as_row(f"dialogsum-{obj.get('fname', i)}", DIALOGSUM_TEMPLATE.format(dialogue=obj["dialogue"]),
                       obj["summary"].strip(), fmt, topic=obj.get("topic"))
-        splits["test" if i in test else "train"].append(row)
+        splits[part.get(i, "train")].append(row)
+        inputs[part.get(i, "train")].append(obj["dialogue"])
     sources = [str(path)]
     if add_samsum:
         samsum = _source(data_dir, "summarization/samsum_val.csv")
@@ -626,10 +792,14 @@ def prepare_dialogsum(data_dir: str | Path, out_dir: str | Path, seed: int = 0, 
             dialogue = r["dialogue"].replace("\r\n", "\n").strip()
             splits["train"].append(_as_row(f"samsum-{r['id']}", DIALOGSUM_TEMPLATE.format(dialogue=dialogue),
                                            r["summary"].strip(), fmt, topic=None))
+            inputs["train"].append(dialogue)
         sources.append(str(samsum))
+    if not n_val:
+        del splits["val"], inputs["val"]
+    dropped = drop_held(splits, inputs)
     return _write_splits(out_dir, splits, {
         "task": "dialogsum", "kind": "summarization", "format": fmt, "seed": seed, "dialogues": len(rows),
-        "sources": sources})
+        "train_dropped_as_held": dropped, "sources": sources}, inputs)
 
 
 # ---------------------------------------------------------------------------------------------------------
