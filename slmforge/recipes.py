@@ -8,11 +8,11 @@ a report comparing ways of getting there:
     pretrain    a small Llama pretrained on that same text (no external weights)
     scratch     the same architecture, randomly initialised (the from-scratch baseline)
     variants    fine-tune runs: from scratch / from the pretrained model / LoRA / from another variant
-    predict     each variant on the test file (slmforge predict; a variant may override the recipe's
+    predict     each variant on the val file (which chooses top_g and the shipped variant), then on the test file (slmforge predict; a variant may override the recipe's
                 predict section, e.g. a keyphrase tagger that extracts where the others generate)
     eval        evaluate_predictions -> metrics.json per variant
     report      out/report.md + out/report.json (params, trainable params, train time, quality), and
-                out/model: a copy of the best variant's model directory
+                out/model: a copy of the variant best on validation
 
 Every stage writes its output atomically and is skipped when that output exists, and training resumes
 from its checkpoint, so an interrupted run picks up where it stopped. Training budgets are minutes: a
@@ -36,7 +36,7 @@ import yaml
 from rich.console import Console
 
 from slmforge.errors import SlmforgeError
-from slmforge.io import atomic_write_text, read_json, swap_dir_into_place, write_json
+from slmforge.io import atomic_write_text, read_json, read_jsonl, swap_dir_into_place, write_json
 
 console = Console(stderr=True)
 RECIPE_DIR = Path(__file__).parent / "recipes"
@@ -53,7 +53,8 @@ INITS = ("scratch", "pretrained")  # or "variant:<name>"
 class DataSpec:
     loader: str  # a task_data loader (sst2, multi30k, ...) or support_chat
     options: dict = field(default_factory=dict)  # passed to the loader
-    test: str = "test.jsonl"  # the evaluation file, relative to the prepared data folder
+    test: str = "test.jsonl"  # the evaluation file, relative to the prepared data folder: scored once per variant
+    val: str = "val.jsonl"  # the file the variant (and every tuned number) is chosen on
 
 
 @dataclass
@@ -111,6 +112,7 @@ class PredictSpec:
     stop: list[str] = field(default_factory=list)
     batch_size: int = 16
     top_g: int = 9
+    sweep_top_g: list[int] = field(default_factory=list)  # deeplog: the top_g values tried on val; the best is used
     top_k: int = 10  # extract: keyphrases per document
     limit: int | None = None  # predict only the first N test rows
     labels: list[str] | None = None
@@ -128,7 +130,7 @@ class VariantSpec:
 @dataclass
 class EvalSpec:
     task: str  # an evaluate_predictions task: classification, binary, translation, ...
-    metric: str  # the headline figure variants are compared (and the best chosen) by
+    metric: str  # the headline figure: variants are compared by it on val, and the best on val is shipped
     labels: list[str] | None = None
     positive: str = "anomalous"
     ks: list[int] = field(default_factory=lambda: [5, 10])
@@ -279,6 +281,8 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     def check_predict(p: PredictSpec, m) -> None:
         check(p.mode in MODES, m, "mode", f"one of {', '.join(MODES)}")
         check(p.top_k > 0, m, "top_k", "must be > 0")
+        check(not p.sweep_top_g or p.mode == "deeplog", m, "sweep_top_g", "only for predict mode deeplog")
+        check(all(g > 0 for g in p.sweep_top_g), m, "sweep_top_g", "every top_g must be > 0")
 
     check_predict(recipe.predict, raw["predict"])
     check(recipe.eval.task in EVAL_TASKS, raw["eval"], "task", f"one of {', '.join(EVAL_TASKS)}")
@@ -534,6 +538,9 @@ def _variant_row(recipe: Recipe, v: VariantSpec, vdir: Path, pre: dict | None, r
         row |= {"params": n, "trainable_params": 0, "finetune_s": 0.0, "steps": 0}
     row["total_train_s"] = round(init_cost + row["finetune_s"], 1)
     row["metric"] = metrics.get(recipe.eval.metric)
+    val = read_json(vdir / "val_metrics.json") if (vdir / "val_metrics.json").is_file() else {}
+    row["val_metric"] = val.get(recipe.eval.metric)
+    row["val_metrics"] = {k: v for k, v in val.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     row["metrics"] = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     return row
 
@@ -562,6 +569,60 @@ def _hdfs_parse(data_dir: Path, best_model: Path, recipe: Recipe, run: Path) -> 
     return {"parse": {k: v for k, v in agreement.items() if k != "disagreements"},
             "raw_log_sessions": len(scored), "raw_log_flagged_anomalous": flagged,
             "raw_log_flagged_pct": 100.0 * flagged / max(len(scored), 1)}
+
+
+def _sweep_top_g(vdir: Path, values: list[int], recipe: Recipe) -> dict:
+    """DeepLog's g chosen on val: a session is anomalous when an event is unknown or ranked below g, so
+    every g is scored from one prediction pass (its max_rank) and the best val metric wins (smallest g on
+    ties)."""
+    from slmforge.evaluate.tasks import evaluate_predictions
+
+    preds = vdir / "val_predictions.jsonl"
+    rows = list(read_jsonl(preds))
+    e, scores = recipe.eval, {}
+
+    def relabel(g: int, path: Path) -> dict:
+        atomic_write_text(path, "".join(json.dumps({**r, "prediction": "anomalous" if r.get("unknown_events") or (
+            r.get("max_rank") is not None and r["max_rank"] > g) else "normal"}, ensure_ascii=False) + "\n"
+            for r in rows))
+        return evaluate_predictions(e.task, path, positive=e.positive)
+
+    for g in sorted(values):
+        scores[g] = relabel(g, vdir / ".val_top_g.jsonl").get(e.metric)
+    (vdir / ".val_top_g.jsonl").unlink()
+    chosen = max(scores, key=lambda g: (scores[g] if scores[g] is not None else -math.inf, -g))
+    write_json(vdir / "val_metrics.json", relabel(chosen, preds))  # val as the chosen g labels it
+    result = {"chosen": chosen, "val": {str(g): s for g, s in scores.items()}}
+    write_json(vdir / "top_g.json", result)
+    return result
+
+
+def _overlap(data_stats: dict) -> dict:
+    """The loader's overlap reports: {"test": ..., "val": ...}, or {"medical/test": ...} for nested sets."""
+    if "overlap" in data_stats:
+        return data_stats["overlap"]
+    return {f"{k}/{name}": o for k, v in data_stats.items() if isinstance(v, dict) and "overlap" in v
+            for name, o in v["overlap"].items()}
+
+
+def _overlap_line(o: dict) -> str:
+    grams = next((k for k in o if k.startswith("with_") and k.endswith("gram_overlap")), None)
+    line = (f"{o['held']} held-out inputs: {o['exact']} verbatim in train, {o['contained']} inside a training "
+            f"input ({o['contained_5plus_words']} of 5+ words), {o['train_inside_held']} training inputs inside "
+            f"a held-out one")
+    if grams:
+        n = grams[len("with_"):-len("gram_overlap")]
+        line += f", {o[grams]} share a {n}-gram with train (mean share {_fmt(o.get(f'mean_{n}gram_share'))})"
+    return line
+
+
+def _peak_rss_mib() -> float:
+    """This process's peak resident memory: the run's whole footprint (stages run in one process)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return round(peak / (2**20 if sys.platform == "darwin" else 1024), 1)
 
 
 def run_recipe(recipe_path: str | Path, out: str | Path | None = None, data_dir: str | Path | None = None,
@@ -607,6 +668,10 @@ def run_recipe(recipe_path: str | Path, out: str | Path | None = None, data_dir:
     test_path = data / recipe.data.test
     if not test_path.is_file():
         raise SlmforgeError(f"{recipe.path}: field 'data.test': {test_path} was not written by the loader")
+    val_path = data / recipe.data.val if (data / recipe.data.val).is_file() else None
+    overlap = _overlap(data_stats)
+    for name, o in overlap.items():
+        console.print(f"  overlap {name}: {_overlap_line(o)}")
     timed("data_s", t, was_done)
 
     pre = None
@@ -646,44 +711,72 @@ def run_recipe(recipe_path: str | Path, out: str | Path | None = None, data_dir:
             _finetune(recipe, v, init, data, vdir, minutes_scale)
         timed(f"{v.name}.finetune_s", t, was_done)
 
-        t, was_done = time.time(), (vdir / "predictions.jsonl").is_file()
         p = v.predict or recipe.predict
-        if _stage(f"{v.name}: predict {recipe.data.test}", was_done):
-            stats = predict_file(vdir / "model", p.mode, test_path, vdir / "predictions.jsonl",
-                                 labels=p.labels, max_tokens=p.max_tokens, stop=p.stop, batch_size=p.batch_size,
-                                 top_g=p.top_g, top_k=p.top_k, limit=p.limit, progress=console.is_terminal)
-            write_json(vdir / "predict.json", stats)
-        timed(f"{v.name}.predict_s", t, was_done)
-        if _stage(f"{v.name}: evaluate", (vdir / "metrics.json").is_file()):
+
+        def predict_and_score(path: Path, preds: Path, metrics_path: Path, top_g: int,
+                              v: VariantSpec = v, vdir: Path = vdir, p: PredictSpec = p) -> None:
             e = recipe.eval
-            metrics = evaluate_predictions(e.task, vdir / "predictions.jsonl", labels=e.labels or p.labels,
-                                           positive=e.positive, ks=e.ks, tokenize=e.tokenize)
-            write_json(vdir / "metrics.json", metrics)
+            if _stage(f"{v.name}: predict {path.relative_to(data)}", preds.is_file()):
+                stats = predict_file(vdir / "model", p.mode, path, preds, labels=p.labels, max_tokens=p.max_tokens,
+                                     stop=p.stop, batch_size=p.batch_size, top_g=top_g, top_k=p.top_k,
+                                     limit=p.limit, progress=console.is_terminal)
+                write_json(vdir / preds.name.replace("predictions.jsonl", "predict.json"), stats)
+            if _stage(f"{v.name}: evaluate {path.relative_to(data)}", metrics_path.is_file()):
+                write_json(metrics_path, evaluate_predictions(e.task, preds, labels=e.labels or p.labels,
+                                                              positive=e.positive, ks=e.ks, tokenize=e.tokenize))
+
+        # Validation first: it alone chooses this variant's tuned numbers (top_g) and, below, the variant.
+        t, was_done = time.time(), (vdir / "val_metrics.json").is_file()
+        sweep = None
+        if val_path:
+            predict_and_score(val_path, vdir / "val_predictions.jsonl", vdir / "val_metrics.json",
+                              max(p.sweep_top_g, default=p.top_g))
+            if p.sweep_top_g:
+                sweep = _sweep_top_g(vdir, p.sweep_top_g, recipe)
+        timed(f"{v.name}.val_s", t, was_done)
+        top_g = sweep["chosen"] if sweep else p.top_g
+        t, was_done = time.time(), (vdir / "metrics.json").is_file()
+        predict_and_score(test_path, vdir / "predictions.jsonl", vdir / "metrics.json", top_g)
+        timed(f"{v.name}.predict_s", t, was_done)
         rows[v.name] = _variant_row(recipe, v, vdir, pre, rows)
         rows[v.name]["predict_s"] = read_json(vdir / "predict.json")["seconds"] \
             if (vdir / "predict.json").is_file() else None
-        console.print(f"  {v.name}: {recipe.eval.metric} = {rows[v.name]['metric']}")
+        if sweep:
+            rows[v.name]["top_g"] = sweep
+        console.print(f"  {v.name}: {recipe.eval.metric} = {_fmt(rows[v.name]['val_metric'])} on val, "
+                      f"{_fmt(rows[v.name]['metric'])} on test")
 
-    best = max(rows.values(), key=lambda r: r["metric"] if r["metric"] is not None else -math.inf)
-    _copy_dir(run / "variants" / best["variant"] / "model", run / "model")
+    # The shipped model is the best on validation; the test figures are reported, never used to choose.
+    if val_path:
+        chosen = max(rows.values(), key=lambda r: r["val_metric"] if r["val_metric"] is not None else -math.inf)
+    elif len(rows) == 1:
+        chosen = next(iter(rows.values()))
+    else:
+        raise SlmforgeError(f"{recipe.path}: field 'data.val': {data / recipe.data.val} not written by the loader; "
+                            f"variants are chosen on validation data")
+    _copy_dir(run / "variants" / chosen["variant"] / "model", run / "model")
     extras = {}
     if "hdfs_parse" in recipe.extras:
         extras["hdfs_parse"] = _hdfs_parse(resolve_data_dir(data_dir), run / "model", recipe, run)
 
     report = {"recipe": recipe.name, "description": recipe.description, "recipe_file": recipe.path,
-              "metric": recipe.eval.metric, "best_variant": best["variant"], "model_dir": str(run / "model"),
+              "metric": recipe.eval.metric, "chosen_variant": chosen["variant"],
+              "chosen_on": f"{recipe.eval.metric} on {recipe.data.val}" if val_path else "the only variant",
+              "model_dir": str(run / "model"),
               "data": {"loader": recipe.data.loader, "options": recipe.data.options,
                        "counts": data_stats.get("counts") or {k: v.get("counts") for k, v in data_stats.items()
-                                                              if isinstance(v, dict)}},
-              "test_file": str(test_path), "pretrain": pre, "variants": list(rows.values()),
+                                                              if isinstance(v, dict)},
+                       "overlap": overlap},
+              "test_file": str(test_path), "val_file": str(val_path) if val_path else None, "pretrain": pre,
+              "variants": list(rows.values()), "peak_rss_mib": _peak_rss_mib(),
               "extras": extras, "minutes_scale": minutes_scale,
               "timings_s": {k: round(x, 1) for k, x in timings.items()},
               "wall_time_s": round(time.time() - t_start, 1),  # this run only; timings_s sum over resumes
               "recipe_config": asdict(recipe)}
     write_json(run / "report.json", report)
     atomic_write_text(run / "report.md", report_markdown(report))
-    console.print(f"best: {best['variant']} ({recipe.eval.metric} {best['metric']:.2f}) · model: {run / 'model'} · "
-                  f"report: {run / 'report.md'}")
+    console.print(f"chosen on validation: {chosen['variant']} ({recipe.eval.metric} {_fmt(chosen['val_metric'])} on "
+                  f"val, {_fmt(chosen['metric'])} on test) · model: {run / 'model'} · report: {run / 'report.md'}")
     return report
 
 
@@ -704,28 +797,37 @@ def _fmt(x) -> str:
 
 
 def report_markdown(r: dict) -> str:
-    """The report as Markdown: data, pretraining, the variant comparison, extras."""
+    """The report as Markdown: data and its overlap, pretraining, the variant comparison, extras."""
     lines = [f"# {r['recipe']}: recipe report", "", r["description"].strip(), "",
-             f"Data: `{r['data']['loader']}` {json.dumps(r['data']['counts'])}; evaluated on `{r['test_file']}`.", ""]
+             f"Data: `{r['data']['loader']}` {json.dumps(r['data']['counts'])}; variants chosen on "
+             f"`{r.get('val_file')}`, scored once each on `{r['test_file']}`.", ""]
+    for name, o in r["data"].get("overlap", {}).items():
+        lines.append(f"- overlap of {name} with train: {_overlap_line(o)}")
     pre = r.get("pretrain")
     if pre:
-        lines += [f"Pretraining on the task's own training text: {_fmt(pre['params'])} params, {pre['steps']} steps, "
-                  f"corpus {_fmt(pre['corpus_tokens'])} tokens ({_fmt(pre['corpus_documents'])} documents), "
-                  f"val loss {_fmt(pre.get('val_loss'))}, {_fmt(pre.get('train_time_s'))} s.", ""]
+        lines += ["", f"Pretraining on the task's own training text: {_fmt(pre['params'])} params, {pre['steps']} "
+                  f"steps, corpus {_fmt(pre['corpus_tokens'])} tokens ({_fmt(pre['corpus_documents'])} documents), "
+                  f"val loss {_fmt(pre.get('val_loss'))}, {_fmt(pre.get('train_time_s'))} s."]
     m = r["metric"]
-    lines += [f"| variant | init | mode | head | params | trainable | fine-tune s | total train s | steps | {m} |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", f"| variant | init | mode | head | params | trainable | fine-tune s | total train s | steps | "
+              f"{m} (val) | {m} (test) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for v in r["variants"]:
         lines.append(f"| {v['variant']} | {v['init']} | {v['mode']} | {v['head']} | {_fmt(v['params'])} | "
                      f"{_fmt(v['trainable_params'])} | {_fmt(v['finetune_s'])} | {_fmt(v['total_train_s'])} | "
-                     f"{_fmt(v['steps'])} | {_fmt(v['metric'])} |")
+                     f"{_fmt(v['steps'])} | {_fmt(v.get('val_metric'))} | {_fmt(v['metric'])} |")
+    lines += ["", f"Chosen on validation ({r['chosen_on']}): {r['chosen_variant']}, copied to `{r['model_dir']}`. "
+              f"Test figures are reported only, never used to choose."]
+    for v in r["variants"]:
+        if v.get("top_g"):
+            lines.append(f"- {v['variant']}: top_g {v['top_g']['chosen']} chosen on val "
+                         f"({', '.join(f'g={g}: {_fmt(x)}' for g, x in v['top_g']['val'].items())})")
     keys = sorted({k for v in r["variants"] for k in v["metrics"]} - {"n"})
-    lines += ["", f"Best: **{r['best_variant']}** (copied to `{r['model_dir']}`).", "", "All metrics:", "",
-              "| variant | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    lines += ["", "All test metrics:", "", "| variant | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
     for v in r["variants"]:
         lines.append(f"| {v['variant']} | " + " | ".join(_fmt(v["metrics"].get(k)) for k in keys) + " |")
     for name, extra in r.get("extras", {}).items():
         lines += ["", f"## {name}", "", "```json", json.dumps(extra, indent=2), "```"]
     lines += ["", "Stage times (s, summed over resumed runs): " + ", ".join(f"{k} {v}" for k, v in r["timings_s"].items()),
-              f"; wall of this run {r['wall_time_s']} s (minutes scale {r['minutes_scale']}).", ""]
+              f"; wall of this run {r['wall_time_s']} s (minutes scale {r['minutes_scale']}); peak memory "
+              f"{_fmt(r.get('peak_rss_mib'))} MiB.", ""]
     return "\n".join(lines)

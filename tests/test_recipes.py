@@ -52,7 +52,7 @@ def _recipe(tmp_path, text):
 
 MINI_SST2 = f"""name: mini-sst2
 description: a miniature sst2 recipe for tests
-data: {{loader: sst2, options: {{n_test: 10}}}}
+data: {{loader: sst2, options: {{n_test: 10, n_val: 10}}}}
 {TINY_MODEL}pretrain: {{minutes: 0.05, max_steps: 3, batch_size: 4, seq_len: 32}}
 variants:
   - name: scratch
@@ -76,11 +76,17 @@ def test_mini_recipe_end_to_end_and_resume(tmp_path):
     lora = report["variants"][1]
     assert 0 < lora["trainable_params"] < lora["params"] and lora["steps"] == 2
     assert all(0 <= v["metric"] <= 100 and v["metrics"]["n"] == 10 for v in report["variants"])
-    assert report["pretrain"]["steps"] == 3 and report["data"]["counts"] == {"train": 50, "test": 10}
+    assert report["pretrain"]["steps"] == 3 and report["data"]["counts"] == {"train": 40, "val": 10, "test": 10}
     assert (out / "model" / "model.safetensors").is_file() and (out / "model" / "classifier_head.safetensors").is_file()
     md = (out / "report.md").read_text()
     assert "| scratch | scratch | full | classifier |" in md and "accuracy" in md
-    assert json.loads((out / "report.json").read_text())["best_variant"] == report["best_variant"]
+    # The shipped variant is the best on validation, whatever the test figures say.
+    vals = [v["val_metric"] for v in report["variants"]]
+    assert all(0 <= x <= 100 for x in vals) and report["chosen_on"] == "accuracy on val.jsonl"
+    assert report["chosen_variant"] == report["variants"][vals.index(max(vals))]["variant"]
+    assert json.loads((out / "report.json").read_text())["chosen_variant"] == report["chosen_variant"]
+    assert "(val)" in md and "Chosen on validation" in md
+    assert set(report["data"]["overlap"]) == {"val", "test"} and report["data"]["overlap"]["test"]["exact"] == 0
 
     # A second run skips every done stage: nothing is trained or predicted again.
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.name in ("predictions.jsonl", "model.safetensors",
@@ -97,7 +103,7 @@ def test_mini_recipe_end_to_end_and_resume(tmp_path):
 
 def test_mini_generate_recipe_with_generated_support_chat(tmp_path):
     recipe = _recipe(tmp_path, f"""name: mini-chat
-data: {{loader: support_chat, options: {{n: 24, n_test: 3}}}}
+data: {{loader: support_chat, options: {{n: 24, n_test: 3, n_val: 3}}}}
 {TINY_MODEL}variants:
   - name: scratch
     init: scratch
@@ -114,7 +120,7 @@ eval: {{task: summarization, metric: rougeL}}
 def test_mini_keyphrase_recipe_with_a_tagger_variant(tmp_path):
     data = _inspec_like(tmp_path / "shared")
     recipe = _recipe(tmp_path, f"""name: mini-inspec
-data: {{loader: inspec, options: {{n_test: 6}}}}
+data: {{loader: inspec, options: {{n_test: 6, n_val: 4}}}}
 {TINY_MODEL}pretrain: {{minutes: 0.05, max_steps: 3, batch_size: 4, seq_len: 32}}
 variants:
   - name: scratch
