@@ -1,0 +1,190 @@
+#!/usr/bin/env python
+"""No-model baselines on the task splits the loaders write, so a recipe's figures can be read against them.
+
+Each task's data is prepared exactly as its recipe does it: the `seed` and the `data:` section (loader and
+options) of slmforge/recipes/<recipe>.yaml go to `slmforge.evaluate.task_data.prepare` into a temporary
+folder, and every baseline is scored with `evaluate_predictions` (the scorer `slmforge eval-task` and the
+recipes use) on test.jsonl, and on val.jsonl when the loader writes one.
+
+    dialogsum   lead-3: the first three turns of the dialogue as the summary (and lead-1, lead-2); ROUGE-1/2/L
+    pubmedqa    majority class of train; guessing at the training-label frequencies: accuracy and macro-F1,
+    sst2        analytically (expected counts) and as the mean (and sd) of --draws seeded draws
+    hdfs        every session anomalous; a session is anomalous when it holds an event (or an event
+                bigram) that no training session holds — a lookup table in place of DeepLog's LM
+
+    python benchmarks/task_baselines.py                    # all four, --data ../shared/data
+    python benchmarks/task_baselines.py --tasks sst2 hdfs --draws 200
+
+Results go to benchmarks/results/task_baselines.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import yaml
+
+from slmforge.evaluate.task_data import DIALOGSUM_TEMPLATE, prepare
+from slmforge.evaluate.tasks import classification_metrics, evaluate_predictions
+from slmforge.io import read_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "slmforge" / "recipes"
+DEFAULT_DATA = ROOT.parent / "shared" / "data"
+DEFAULT_JSON = ROOT / "benchmarks" / "results" / "task_baselines.json"
+TASKS = {"dialogsum": "dialogsum.yaml", "pubmedqa": "pubmedqa.yaml", "sst2": "sst2.yaml", "hdfs": "hdfs-logs.yaml"}
+
+
+def load_recipe_data(name: str) -> dict:
+    # only the parts that decide the data, read straight from the YAML so they stay in step with the recipe
+    path = RECIPES / TASKS[name]
+    spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+    data = spec["data"]
+    return {"recipe": str(path.relative_to(ROOT)), "loader": data["loader"], "options": data.get("options") or {},
+            "seed": spec.get("seed", 0), "eval": spec.get("eval") or {}}
+
+
+def held_splits(folder: Path) -> dict[str, list[dict]]:
+    """test.jsonl and val.jsonl (when written) of a prepared folder."""
+    return {s: list(read_jsonl(folder / f"{s}.jsonl")) for s in ("test", "val") if (folder / f"{s}.jsonl").exists()}
+
+
+def preds(rows: list[dict], values: list[str]) -> list[dict]:
+    return [{"id": r["id"], "prediction": v} for r, v in zip(rows, values, strict=True)]
+
+
+# --- dialogsum ----------------------------------------------------------------------------------------------
+
+def dialogue_of(row: dict) -> str:
+    # the loader writes the dialogue inside DIALOGSUM_TEMPLATE, as a prompt or as the user message
+    prompt = row["prompt"] if "prompt" in row else row["messages"][0]["content"]
+    head, tail = DIALOGSUM_TEMPLATE.split("{dialogue}")
+    return prompt.removeprefix(head).removesuffix(tail)
+
+
+def lead_k(dialogue: str, k: int) -> str:
+    turns = [t.strip() for t in dialogue.split("\n") if t.strip()]
+    return " ".join(turns[:k])
+
+
+def summarization_baselines(rows: list[dict]) -> dict:
+    out = {}
+    for k in (1, 2, 3):
+        r = evaluate_predictions("summarization", preds(rows, [lead_k(dialogue_of(x), k) for x in rows]), rows)
+        out[f"lead_{k}"] = {m: round(r[m], 2) for m in ("rouge1", "rouge2", "rougeL")} | {"n": r["n"]}
+    return out
+
+
+# --- pubmedqa, sst2 -----------------------------------------------------------------------------------------
+
+def classification_baselines(rows: list[dict], train_labels: list[str], labels: list[str], draws: int) -> dict:
+    freq = Counter(train_labels)
+    majority = freq.most_common(1)[0][0]
+    maj = evaluate_predictions("classification", preds(rows, [majority] * len(rows)), rows, labels=labels)
+    truth = [str(r["label"]) for r in rows]
+
+    # guessing at the training frequencies q_c against test shares p_c: expected accuracy is sum p_c q_c; with
+    # expected counts in place of counts, class c has precision p_c and recall q_c (a ratio of expectations,
+    # close to the mean for a few hundred examples; the draws below check it)
+    n = len(truth)
+    p = {c: truth.count(c) / n for c in labels}
+    q = {c: freq[c] / len(train_labels) for c in labels}
+    f1 = {c: 2 * p[c] * q[c] / (p[c] + q[c]) if p[c] + q[c] else 0.0 for c in labels}
+    analytic = {"accuracy": round(100 * sum(p[c] * q[c] for c in labels), 2),
+                "macro_f1": round(100 * sum(f1.values()) / len(labels), 2)}
+
+    rng = random.Random(0)
+    weights = [q[c] for c in labels]
+    acc, mf1 = [], []
+    for _ in range(draws):
+        r = classification_metrics(truth, rng.choices(labels, weights, k=n), labels)
+        acc.append(r["accuracy"])
+        mf1.append(r["macro_f1"])
+    drawn = {"accuracy": round(statistics.fmean(acc), 2), "accuracy_sd": round(statistics.stdev(acc), 2),
+             "macro_f1": round(statistics.fmean(mf1), 2), "macro_f1_sd": round(statistics.stdev(mf1), 2),
+             "draws": draws}
+    return {"n": n, "split_label_share": {c: round(100 * p[c], 2) for c in labels},
+            "train_label_share": {c: round(100 * q[c], 2) for c in labels},
+            "majority": {"label": majority, "accuracy": round(maj["accuracy"], 2), "macro_f1": round(maj["macro_f1"], 2)},
+            "prior_guess_analytic": analytic, "prior_guess_drawn": drawn}
+
+
+# --- hdfs ---------------------------------------------------------------------------------------------------
+
+def anomaly_baselines(rows: list[dict], train: list[dict]) -> dict:
+    events = {e for r in train for e in r["events"]}
+    bigrams = {b for r in train for b in zip(r["events"], r["events"][1:], strict=False)}
+
+    def score(flags: list[bool]) -> dict:
+        r = evaluate_predictions("binary", preds(rows, ["anomalous" if f else "normal" for f in flags]), rows,
+                                 positive="anomalous")
+        return {k: round(r[k], 2) if isinstance(r[k], float) else r[k]
+                for k in ("precision", "recall", "f1", "accuracy", "tp", "fp", "fn", "tn")}
+
+    return {"n": len(rows), "anomalous_share": round(100 * sum(r["label"] == "anomalous" for r in rows) / len(rows), 2),
+            "all_anomalous": score([True] * len(rows)),
+            "unseen_event": score([any(e not in events for e in r["events"]) for r in rows]),
+            "unseen_bigram": score([any(e not in events for e in r["events"])
+                                    or any(b not in bigrams for b in zip(r["events"], r["events"][1:], strict=False))
+                                    for r in rows])}
+
+
+def task_baselines(name: str, data_dir: Path, draws: int) -> dict:
+    spec = load_recipe_data(name)
+    with tempfile.TemporaryDirectory() as d:
+        folder = Path(d) / "data"
+        stats = prepare(spec["loader"], data_dir, folder, spec["seed"], **spec["options"])
+        train = list(read_jsonl(folder / "train.jsonl"))
+        held = held_splits(folder)
+    out = {k: spec[k] for k in ("recipe", "loader", "options", "seed")}
+    out["rows"] = {"train": len(train)} | {s: len(r) for s, r in held.items()}
+    if "overlap" in stats:
+        out["overlap"] = stats["overlap"]
+    for split, rows in held.items():
+        if name == "dialogsum":
+            out[split] = summarization_baselines(rows)
+        elif name == "hdfs":
+            out[split] = anomaly_baselines(rows, train)
+        else:
+            train_labels = [str(r["label"]) for r in train]
+            labels = [str(x) for x in spec["eval"].get("labels") or sorted(set(train_labels))]
+            out[split] = classification_baselines(rows, train_labels, labels, draws)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the folder of shared/data/SOURCES.md")
+    ap.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
+    ap.add_argument("--draws", type=int, default=1000, help="seeded draws for the prior-guessing baseline")
+    ap.add_argument("--json", type=Path, default=DEFAULT_JSON)
+    args = ap.parse_args()
+
+    results = {}
+    for name in args.tasks:
+        t = time.perf_counter()
+        results[name] = task_baselines(name, args.data, args.draws)
+        print(f"{name} ({time.perf_counter() - t:.1f} s):")
+        for split in ("test", "val"):
+            if split in results[name]:
+                print(f"  {split}: {json.dumps(results[name][split])}")
+
+    out = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+           "args": {k: str(v) for k, v in vars(args).items()}, "tasks": results,
+           "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
