@@ -37,6 +37,10 @@ def task_data(
     stats = prepare(name, resolve_data_dir(data), out, seed, **_options(option))
     counts = stats.get("counts") or {k: v.get("counts") for k, v in stats.items() if isinstance(v, dict)}
     typer.echo(f"wrote {out} · {json.dumps(counts)}")
+    from slmforge.evaluate.task_data import describe_overlap, overlap_of
+
+    for split, o in overlap_of(stats).items():
+        typer.echo(f"overlap {split}: {describe_overlap(o)}")
 
 
 def predict(

@@ -36,6 +36,7 @@ import yaml
 from rich.console import Console
 
 from slmforge.errors import SlmforgeError
+from slmforge.evaluate.task_data import describe_overlap, overlap_of
 from slmforge.io import atomic_write_text, read_json, read_jsonl, swap_dir_into_place, write_json
 
 console = Console(stderr=True)
@@ -597,25 +598,6 @@ def _sweep_top_g(vdir: Path, values: list[int], recipe: Recipe) -> dict:
     return result
 
 
-def _overlap(data_stats: dict) -> dict:
-    """The loader's overlap reports: {"test": ..., "val": ...}, or {"medical/test": ...} for nested sets."""
-    if "overlap" in data_stats:
-        return data_stats["overlap"]
-    return {f"{k}/{name}": o for k, v in data_stats.items() if isinstance(v, dict) and "overlap" in v
-            for name, o in v["overlap"].items()}
-
-
-def _overlap_line(o: dict) -> str:
-    grams = next((k for k in o if k.startswith("with_") and k.endswith("gram_overlap")), None)
-    line = (f"{o['held']} held-out inputs: {o['exact']} verbatim in train, {o['contained']} inside a training "
-            f"input ({o['contained_5plus_words']} of 5+ words), {o['train_inside_held']} training inputs inside "
-            f"a held-out one")
-    if grams:
-        n = grams[len("with_"):-len("gram_overlap")]
-        line += f", {o[grams]} share a {n}-gram with train (mean share {_fmt(o.get(f'mean_{n}gram_share'))})"
-    return line
-
-
 def _peak_rss_mib() -> float:
     """This process's peak resident memory: the run's whole footprint (stages run in one process)."""
     import resource
@@ -669,9 +651,9 @@ def run_recipe(recipe_path: str | Path, out: str | Path | None = None, data_dir:
     if not test_path.is_file():
         raise SlmforgeError(f"{recipe.path}: field 'data.test': {test_path} was not written by the loader")
     val_path = data / recipe.data.val if (data / recipe.data.val).is_file() else None
-    overlap = _overlap(data_stats)
+    overlap = overlap_of(data_stats)
     for name, o in overlap.items():
-        console.print(f"  overlap {name}: {_overlap_line(o)}")
+        console.print(f"  overlap {name}: {describe_overlap(o)}")
     timed("data_s", t, was_done)
 
     pre = None
@@ -802,7 +784,7 @@ def report_markdown(r: dict) -> str:
              f"Data: `{r['data']['loader']}` {json.dumps(r['data']['counts'])}; variants chosen on "
              f"`{r.get('val_file')}`, scored once each on `{r['test_file']}`.", ""]
     for name, o in r["data"].get("overlap", {}).items():
-        lines.append(f"- overlap of {name} with train: {_overlap_line(o)}")
+        lines.append(f"- overlap of {name} with train: {describe_overlap(o)}")
     pre = r.get("pretrain")
     if pre:
         lines += ["", f"Pretraining on the task's own training text: {_fmt(pre['params'])} params, {pre['steps']} "

@@ -182,6 +182,26 @@ def overlap_report(train: Sequence[str], held: Sequence[str], n: int = 13) -> di
             "examples": [h[:100] for h in contained[:3]]}
 
 
+def describe_overlap(o: dict) -> str:
+    """An overlap_report in one line, as recipes and `slmforge task-data` print it."""
+    grams = next((k for k in o if k.startswith("with_") and k.endswith("gram_overlap")), None)
+    line = (f"{o['held']} held-out inputs: {o['exact']} verbatim in train, {o['contained']} inside a training "
+            f"input ({o['contained_5plus_words']} of 5+ words), {o['train_inside_held']} training inputs inside "
+            f"a held-out one")
+    if grams:
+        n = grams[len("with_"):-len("gram_overlap")]
+        line += f", {o[grams]} share a {n}-gram with train (mean share {o.get(f'mean_{n}gram_share')})"
+    return line
+
+
+def overlap_of(data_stats: dict) -> dict:
+    """The loader's overlap reports: {"test": ..., "val": ...}, or {"medical/test": ...} for nested sets."""
+    if "overlap" in data_stats:
+        return data_stats["overlap"]
+    return {f"{k}/{name}": o for k, v in data_stats.items() if isinstance(v, dict) and "overlap" in v
+            for name, o in v["overlap"].items()}
+
+
 def drop_held(splits: dict[str, list[dict]], inputs: dict[str, list[str]]) -> int:
     """Remove from train every row whose input equals (after normalize) a val or test input; returns how
     many. A held-out input must not be a training example, whatever else the loader does."""
