@@ -53,7 +53,7 @@ def _recipe(tmp_path, text):
 MINI_SST2 = f"""name: mini-sst2
 description: a miniature sst2 recipe for tests
 data: {{loader: sst2, options: {{n_test: 10, n_val: 10}}}}
-{TINY_MODEL}pretrain: {{minutes: 0.05, max_steps: 3, batch_size: 4, seq_len: 32}}
+{TINY_MODEL}pretrain: {{minutes: 5, max_steps: 3, batch_size: 4, seq_len: 32}}
 variants:
   - name: scratch
     init: scratch
@@ -121,7 +121,7 @@ def test_mini_keyphrase_recipe_with_a_tagger_variant(tmp_path):
     data = _inspec_like(tmp_path / "shared")
     recipe = _recipe(tmp_path, f"""name: mini-inspec
 data: {{loader: inspec, options: {{n_test: 6, n_val: 4}}}}
-{TINY_MODEL}pretrain: {{minutes: 0.05, max_steps: 3, batch_size: 4, seq_len: 32}}
+{TINY_MODEL}pretrain: {{minutes: 5, max_steps: 3, batch_size: 4, seq_len: 32}}
 variants:
   - name: scratch
     init: scratch
