@@ -234,14 +234,15 @@ def test_bad_tag_rows_name_file_and_line(tmp_path, base_dir):
 
 
 def test_inspec_rows_serve_the_tagger(tmp_path):
-    """Inspec's rows (prompt + keyphrases) are tag rows. 58.4% of the training documents' distinct gold
-    keyphrases occur in their title and abstract (57.7% in test); the rest can only be generated."""
+    """Inspec's rows (prompt + keyphrases) are tag rows. 58.5% of the training documents' distinct gold
+    keyphrases occur in their title and abstract (56.4% in val, 57.7% in test); the rest can only be
+    generated. 100 of Inspec's 1,500 training documents are held out as the validation split."""
     from slmforge.evaluate.task_data import prepare_inspec
 
     prepare_inspec(shared_data("keyphrase/Inspec.zip").parents[1], tmp_path)
     recs = ft.read_records(tmp_path / "train.jsonl")
     pairs = [ft._tag_fields(where, rec) for where, rec in recs]
-    assert len(pairs) == 1500 and all(phrases for _, phrases in pairs)
+    assert len(pairs) == 1400 and all(phrases for _, phrases in pairs)
     n = found = 0
     for text, phrases in pairs:
         for p in {x.lower() for x in phrases}:
