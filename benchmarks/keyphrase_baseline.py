@@ -39,6 +39,7 @@ def candidates(text: str) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", type=Path, help="the inspec recipe's run folder (its data/ is read)")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "keyphrase_baseline.json")
     args = ap.parse_args()
     train, test = (list(read_jsonl(args.run / "data" / f"{s}.jsonl")) for s in ("train", "test"))
     df = Counter()
@@ -54,7 +55,10 @@ def main() -> None:
         score = {s: tf[s] * math.log((len(train) + 1) / (df[s] + 1)) * (1 + 0.5 * (len(s.split()) - 1)) for s in tf}
         preds.append([surface[s] for s in sorted(score, key=lambda s: -score[s])][:10])
     m = keyphrase_metrics(preds, [r["keyphrases"] for r in test])
-    print(json.dumps({k: round(m[k], 2) for k in ("macro_f1@5", "macro_f1@10", "micro_f1@5", "micro_f1@10")}))
+    result = {"run": str(args.run), "train_docs": len(train), "test_docs": len(test),
+              **{k: round(m[k], 2) for k in ("macro_f1@5", "macro_f1@10", "micro_f1@5", "micro_f1@10")}}
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":
