@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from conftest import small_corpus
+from slmforge.convert.hf import import_hf
 from slmforge.errors import SlmforgeError
-from slmforge.hf_import import import_hf
 from slmforge.modeldir import ModelDir
 
 transformers = pytest.importorskip("transformers")
@@ -131,3 +131,27 @@ def test_import_cli(tmp_path, hf_tokenizer):
     r = CliRunner().invoke(app, ["import", "hf", str(tmp_path / "hf"), str(tmp_path / "ours")])
     assert r.exit_code == 0, r.output
     assert ModelDir.open(tmp_path / "ours").config.attention_bias
+
+
+@pytest.mark.parametrize("template", ["smollm2", "qwen2"])
+def test_imported_template_renders_and_encodes_as_transformers(tmp_path, hf_tokenizer, template):
+    """SmolLM2's and Qwen2.5's published templates (saved by transformers as chat_template.jinja): the imported
+    directory renders transformers' exact string, and gives its sanitized ids when the user types control tokens."""
+    import copy
+
+    from test_chat_template import HOSTILE, QWEN2, SMOLLM2
+
+    hf_tok = copy.deepcopy(hf_tokenizer)
+    hf_tok.chat_template = {"smollm2": SMOLLM2, "qwen2": QWEN2}[template]
+    _make_hf(tmp_path / "hf", "qwen2", hf_tok)
+    tok = ModelDir.open(import_hf(tmp_path / "hf", tmp_path / "ours")).load_tokenizer()
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    convs = [[{"role": "user", "content": "hi"}],
+             [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tom saw"},
+              {"role": "assistant", "content": "the cat."}, {"role": "user", "content": "Zoë" + HOSTILE}]]
+    for msgs in convs:
+        for gen in (True, False):
+            assert tok.apply_chat_template(msgs, gen) == hf.apply_chat_template(msgs, tokenize=False,
+                                                                              add_generation_prompt=gen)
+        assert tok.encode_chat(msgs) == list(hf.apply_chat_template(
+            msgs, add_generation_prompt=True, return_dict=False, sanitize_control_tokens=True))

@@ -1,1 +1,0 @@
-"""Exporters from a model directory to other runtimes' formats."""
