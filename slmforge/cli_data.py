@@ -167,13 +167,22 @@ def data_annotate(
 
     from slmforge.data.edu import annotate
     from slmforge.data.ingest import iter_documents
+    from slmforge.errors import SlmforgeError
+    from slmforge.io import check_out_file
     from slmforge.lm import open_lm
 
+    if limit is not None and limit < 0:
+        raise SlmforgeError(f"--limit {limit}: must be >= 0 (leave it out for every document)")
+    if max_chars < 1:
+        raise SlmforgeError(f"--max-chars {max_chars}: must be at least 1")
+    check_out_file(out)
     lm = open_lm(teacher, api_key_env=api_key_env,
                  **({"concurrency": concurrency, "requests_per_minute": rpm, "price_in": price_in,
                      "price_out": price_out} if teacher.startswith("openai:") else {}))
     docs = iter_documents(inputs, text_field=text_field)
-    r = annotate(itertools.islice(docs, limit), lm, out, id_field=id_field)
+    # iter_documents puts the text under "text" whatever --text-field is
+    r = annotate(itertools.islice(docs, limit), lm, out, id_field=id_field, max_chars=max_chars,
+                 retry_failed=retry_failed)
     typer.echo(f"wrote {out} · asked {r.asked:,} · scored {r.scored:,} · failed {r.failed:,} · "
                f"skipped {r.skipped:,} (done before) · usage {r.usage}")
 
@@ -196,7 +205,9 @@ def data_train_classifier(
     """Fit a ridge regressor on embeddings to the labels; reports F1 at the threshold."""
     from slmforge.data.edu import labelled_texts, load_labels, train_classifier
     from slmforge.data.ingest import iter_documents
+    from slmforge.io import check_out_dir
 
+    check_out_dir(out)  # before embedding every document, not after
     scores = load_labels(labels, id_field=id_field, score_field=score_field)
     texts, ys = labelled_texts(iter_documents(docs or [labels], text_field=text_field), scores,
                                id_field=id_field, text_field=text_field)
@@ -219,8 +230,9 @@ def data_score(
 
     from slmforge.data.edu import load_classifier, score_documents
     from slmforge.data.ingest import iter_documents
-    from slmforge.io import atomic_write_text
+    from slmforge.io import atomic_write_text, check_out_file
 
+    check_out_file(out)  # before the scoring, not after it
     clf = load_classifier(classifier)
     rows = score_documents(iter_documents(inputs, text_field=text_field), clf, text_field=text_field, progress=True)
     lines = [json.dumps(r, ensure_ascii=False) + "\n" for r in rows]

@@ -20,9 +20,17 @@ def eval_ppl(
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the figures here as JSON.")] = None,
 ) -> None:
     """Loss per token and bits per byte (comparable across tokenizers); each document from BOS."""
+    from slmforge.errors import SlmforgeError
     from slmforge.evaluate.perplexity import format_table, judge
-    from slmforge.io import write_json
+    from slmforge.io import check_out_file, write_json
 
+    # all before the (slow) scoring
+    if max_docs is not None and max_docs < 1:
+        raise SlmforgeError(f"--max-docs {max_docs}: must be at least 1")
+    if batch_size < 1:
+        raise SlmforgeError(f"--batch-size {batch_size}: must be at least 1")
+    if json_out:
+        check_out_file(json_out)
     report = judge(model, list(files), max_docs=max_docs, batch_size=batch_size)
     typer.echo(format_table([report]))
     if json_out:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass
 
-from slmforge.errors import SlmforgeError
+from slmforge.errors import SlmforgeError, check_types
 
 
 @dataclass
@@ -30,11 +31,15 @@ class ModelConfig:
     pad_token_id: int | None = None
 
     def __post_init__(self) -> None:
+        if self.num_attention_heads <= 0 or self.num_key_value_heads <= 0:  # before dividing by them
+            raise SlmforgeError("model config: head counts must be positive")
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
         checks = [
             (self.vocab_size > 0, "vocab_size must be positive"),
-            (self.num_attention_heads > 0 and self.num_key_value_heads > 0, "head counts must be positive"),
+            (min(self.hidden_size, self.intermediate_size, self.num_hidden_layers, self.head_dim) > 0,
+             "hidden_size, intermediate_size, num_hidden_layers and head_dim must be positive"),
+            (self.rope_theta > 0 and self.rms_norm_eps > 0, "rope_theta and rms_norm_eps must be positive"),
             (self.num_attention_heads % self.num_key_value_heads == 0,
              "num_attention_heads must be a multiple of num_key_value_heads"),
             (self.head_dim % 2 == 0, "head_dim must be even (RoPE rotates pairs)"),
@@ -80,15 +85,20 @@ class ModelConfig:
         return d
 
     @classmethod
-    def from_hf_dict(cls, d: dict) -> ModelConfig:
-        """Build from a Llama/Qwen2/SmolLM config.json dict; unknown keys are ignored."""
+    def from_hf_dict(cls, d: dict, source: str = "config.json") -> ModelConfig:
+        """Build from a Llama/Qwen2/SmolLM config.json dict; unknown keys are ignored, known ones are
+        checked by type (errors start with `source`, the file's name)."""
+        if not isinstance(d, dict):
+            raise SlmforgeError(f"{source}: expected a JSON object")
         if d.get("hidden_act", "silu") != "silu":
-            raise SlmforgeError(f"config.json: hidden_act {d['hidden_act']!r} is not supported (need 'silu')")
+            raise SlmforgeError(f"{source}: hidden_act {d['hidden_act']!r} is not supported (need 'silu')")
         if d.get("rope_scaling"):
-            raise SlmforgeError("config.json: rope_scaling is not supported yet")
+            raise SlmforgeError(f"{source}: rope_scaling is not supported yet")
         rope = d.get("rope_parameters") or {}  # transformers >= 5 writes rope_theta in here
+        if not isinstance(rope, dict):
+            raise SlmforgeError(f"{source}: rope_parameters: expected a mapping, got {rope!r}")
         if rope.get("rope_type", "default") != "default":
-            raise SlmforgeError(f"config.json: rope_parameters.rope_type {rope['rope_type']!r} is not supported "
+            raise SlmforgeError(f"{source}: rope_parameters.rope_type {rope['rope_type']!r} is not supported "
                                 f"(only default RoPE)")
         fields = {f.name for f in dataclasses.fields(cls)}
         kw = {k: v for k, v in d.items() if k in fields}
@@ -98,12 +108,14 @@ class ModelConfig:
         if d.get("model_type") == "qwen2":
             kw["attention_bias"] = True
         for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            if isinstance(kw.get(k), list):  # some configs list several eos ids; keep the first
+            if isinstance(kw.get(k), list) and kw[k]:  # some configs list several eos ids; keep the first
                 kw[k] = kw[k][0]
         try:
+            # by type first: a "192" or a null would otherwise surface as a TypeError deep inside torch
+            check_types(kw, typing.get_type_hints(cls))
             return cls(**kw)
-        except TypeError as e:
-            raise SlmforgeError(f"config.json: {e}") from None
+        except SlmforgeError as e:
+            raise SlmforgeError(f"{source}: {str(e).removeprefix('model config: ')}") from None
 
 
 def _llama2c_hidden(dim: int, multiple_of: int) -> int:

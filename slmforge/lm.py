@@ -169,9 +169,16 @@ class OpenAILM:
                  max_backoff_s: float = 60.0):
         import httpx
 
+        # a silent clamp hid typos (and a negative max_retries never sent a request): refuse them
+        for name, value, least in (("concurrency", concurrency, 1), ("max_retries", max_retries, 0),
+                                   ("requests_per_minute", requests_per_minute, 0)):
+            if value < least:
+                raise SlmforgeError(f"{name} {value}: must be >= {least}")
+        if timeout_s <= 0:
+            raise SlmforgeError(f"timeout_s {timeout_s}: must be > 0")
         self.name = f"openai:{base_url}#{model}"
         self.base_url, self.model = base_url.rstrip("/"), model
-        self.concurrency, self.max_retries = max(1, concurrency), max_retries
+        self.concurrency, self.max_retries = concurrency, max_retries
         self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.client = httpx.Client(headers=headers, timeout=timeout_s,

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from slmforge import __version__
 from slmforge.config import ModelConfig
 from slmforge.errors import SlmforgeError
-from slmforge.io import read_json, swap_dir_into_place, write_json
+from slmforge.io import read_json, recover_dir_swap, swap_dir_into_place, write_json
 from slmforge.model import LlamaModel
 from slmforge.tokenizer import Tokenizer
 
@@ -45,13 +45,16 @@ class ModelDir:
     @classmethod
     def open(cls, path: str | Path) -> ModelDir:
         path = Path(path)
+        recover_dir_swap(path)  # a save that crashed between its two renames is finished first
         if not path.is_dir():
             raise SlmforgeError(f"{path}: not a model directory (no such folder)")
         for name in REQUIRED_FILES:
             if not (path / name).is_file():
                 raise SlmforgeError(f"{path / name}: missing (a model directory needs {', '.join(REQUIRED_FILES)})")
-        config = ModelConfig.from_hf_dict(read_json(path / "config.json"))
+        config = ModelConfig.from_hf_dict(read_json(path / "config.json"), source=str(path / "config.json"))
         meta = read_json(path / "slmforge.json") if (path / "slmforge.json").is_file() else {}
+        if not isinstance(meta, dict):
+            raise SlmforgeError(f"{path / 'slmforge.json'}: expected a JSON object")
         return cls(path, config, meta)
 
     def load_model(self, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> LlamaModel:

@@ -106,14 +106,18 @@ def test_two_workers_and_datatrove_executor_give_the_same_result(tmp_path):
 def test_config_errors_are_one_line(tmp_path):
     bad = tmp_path / "c.yaml"
     bad.write_text("inputs: [x.jsonl]\nstages:\n  - dedupe: {}\n")
-    with pytest.raises(SlmforgeError, match="stages\\[0\\] must be one of"):
+    with pytest.raises(SlmforgeError, match="c.yaml:3: stages\\[0\\]: must be one of"):
         load_curate_config(bad)
     bad.write_text("inputs: [x.jsonl]\nworkerz: 2\n")
     with pytest.raises(SlmforgeError, match="unknown field 'workerz'"):
         load_curate_config(bad)
-    bad.write_text("inputs: [nope/*.jsonl]\nstages: [{quality: {min_wordz: 3}}]\n")
+    bad.write_text("inputs: [nope/*.jsonl]\nstages: [{quality: {min_words: 3}}]\n")
     with pytest.raises(SlmforgeError, match="no such file"):
         curate(load_curate_config(bad))
+    # the whole config is checked when it is loaded, before any input is looked at
+    bad.write_text("inputs: [nope/*.jsonl]\nstages: [{quality: {min_wordz: 3}}]\n")
+    with pytest.raises(SlmforgeError, match="c.yaml:2: stages\\[0\\].quality: unknown option 'min_wordz'"):
+        load_curate_config(bad)
     (tmp_path / "x.jsonl").write_text('{"text": "a b c"}\n')
     bad.write_text("inputs: [x.jsonl]\nstages: [{quality: {min_wordz: 3}}]\n")
     with pytest.raises(SlmforgeError, match="unknown option 'min_wordz'"):

@@ -210,3 +210,18 @@ def test_evaluate_predictions_errors(tmp_path):
         evaluate_predictions("translation", _jsonl(tmp_path / "empty.jsonl", []))
     with pytest.raises(SlmforgeError, match="missing.jsonl: no such file"):
         evaluate_predictions("translation", tmp_path / "missing.jsonl")
+
+
+def test_binary_and_invalid_labels_against_sklearn():
+    from sklearn.metrics import precision_recall_fscore_support
+
+    t = ["anomalous", "normal", "anomalous", "normal", "anomalous", "normal"]
+    p = ["anomalous", "anomalous", "normal", "normal", "anomalous", "???"]
+    m = binary_metrics(t, p)
+    ps, rs, fs, _ = precision_recall_fscore_support([x == "anomalous" for x in t], [x == "anomalous" for x in p],
+                                                    average="binary", zero_division=0)
+    assert (m["precision"], m["recall"], m["f1"]) == pytest.approx((100 * ps, 100 * rs, 100 * fs))
+    # a prediction outside the label set: wrong for its example, in no cell, counted as invalid
+    m = classification_metrics(["a", "b", "b"], ["a", "zzz", "b"], labels=["a", "b"])
+    assert m["invalid"] == 1 and m["confusion"] == [[1, 0], [0, 1]]
+    assert m["per_class"]["b"] == pytest.approx({"precision": 100.0, "recall": 50.0, "f1": 200 / 3, "support": 2})

@@ -43,6 +43,7 @@ import multiprocessing as mp
 import os
 import shutil
 import time
+import typing
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -50,8 +51,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from slmforge.errors import SlmforgeError
-from slmforge.io import atomic_write_text, read_json, read_jsonl, write_json
+from slmforge.errors import FieldError, SlmforgeError, check_types
+from slmforge.io import atomic_write_text, check_out_dir, read_json, read_jsonl, write_json
 
 console = Console(stderr=True)
 
@@ -79,6 +80,7 @@ class CurateConfig:
     on_error: str = "fail"  # fail | skip (broken input lines)
 
     def __post_init__(self) -> None:
+        check_types({f: getattr(self, f) for f in self.__dataclass_fields__}, typing.get_type_hints(CurateConfig))
         if not self.inputs and not self.synth:
             raise SlmforgeError("curate config: give `inputs` (files) and/or `synth` (a recipe)")
         if self.executor not in EXECUTORS:
@@ -89,11 +91,67 @@ class CurateConfig:
             raise SlmforgeError("curate config: on_error must be fail or skip")
         for i, st in enumerate(self.stages):
             if not isinstance(st, dict) or len(st) != 1 or next(iter(st)) not in STAGES:
-                raise SlmforgeError(f"curate config: stages[{i}] must be one of "
-                                    f"{', '.join(f'{{{s}: {{...}}}}' for s in STAGES)}, got {st!r}")
-            opts = next(iter(st.values()))
+                raise FieldError(("stages", i), f"must be one of "
+                                 f"{', '.join(f'{{{s}: {{...}}}}' for s in STAGES)}, got {st!r}")
+            name, opts = next(iter(st.items()))
             if opts is not None and not isinstance(opts, dict):
-                raise SlmforgeError(f"curate config: stages[{i}].{next(iter(st))} options must be a mapping")
+                raise FieldError(("stages", i, name), "options must be a mapping")
+            check_stage_options(name, opts or {}, ("stages", i, name))
+        if self.synth is not None:
+            check_synth_options(self.synth)
+
+
+def check_stage_options(name: str, opts: dict, loc: tuple) -> None:
+    """A stage's options, checked by name, type and value before any stage runs: a typo in the last stage
+    must not cost the run of the ones before it."""
+    if name in ("dedup", "quality"):
+        if name == "dedup":
+            from slmforge.data.dedup import DedupConfig as cls
+        else:
+            from slmforge.data.quality import QualityConfig as cls
+        hints = typing.get_type_hints(cls)
+    else:
+        hints = _STAGE_OPTIONS[name]
+    unknown = sorted(set(opts) - set(hints))
+    if unknown:
+        raise FieldError(loc, f"unknown option {unknown[0]!r} (known: {', '.join(sorted(hints))})")
+    check_types(opts, hints, loc)
+    if name in ("dedup", "quality"):
+        try:
+            cls(**opts)  # its own range checks (threshold in (0, 1], ...)
+        except SlmforgeError as e:
+            raise FieldError(loc, str(e).removeprefix(f"{name}: ")) from None
+    elif name == "decontam":
+        evals = opts.get("eval")
+        if not evals:
+            raise FieldError(loc, "needs `eval: [files with the evaluation sets]`")
+        for j, p in enumerate([evals] if isinstance(evals, str) else evals):
+            if not Path(p).exists():
+                raise FieldError((*loc, "eval", j), f"{p}: no such file")
+    elif name == "edu":
+        clf = opts.get("classifier")
+        if not clf:
+            raise FieldError(loc, "needs `classifier: <dir from slmforge data train-classifier>`")
+        if not Path(clf).is_dir():
+            raise FieldError((*loc, "classifier"), f"{clf}: no such classifier folder")
+
+
+_STAGE_OPTIONS = {
+    "decontam": {"eval": str | list[str], "n": int, "min_words": int, "text_field": str},
+    "edu": {"classifier": str, "min_score": float},
+}
+
+
+def check_synth_options(opts: dict) -> None:
+    """`synth:` is synthesize()'s keyword arguments plus recipe and n."""
+    from slmforge.data.synth import synthesize
+
+    hints = {k: v for k, v in typing.get_type_hints(synthesize).items()
+             if k not in ("out_path", "lm", "progress", "return")}
+    unknown = sorted(set(opts) - set(hints))
+    if unknown:
+        raise FieldError(("synth",), f"unknown option {unknown[0]!r} (known: {', '.join(sorted(hints))})")
+    check_types(opts, hints, ("synth",))
 
 
 def load_curate_config(path: str | Path, **overrides) -> CurateConfig:
@@ -103,7 +161,9 @@ def load_curate_config(path: str | Path, **overrides) -> CurateConfig:
     if not path.is_file():
         raise SlmforgeError(f"{path}: no such file")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        text = path.read_text(encoding="utf-8")
+        node = yaml.compose(text)  # the node tree keeps each value's line, for the errors
+        raw = yaml.safe_load(text) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise SlmforgeError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(raw, dict):
@@ -111,19 +171,43 @@ def load_curate_config(path: str | Path, **overrides) -> CurateConfig:
     known = set(CurateConfig.__dataclass_fields__)
     unknown = sorted(set(raw) - known)
     if unknown:
-        raise SlmforgeError(f"{path}: unknown field {unknown[0]!r} (known: {', '.join(sorted(known))})")
+        raise SlmforgeError(f"{path}:{_yaml_line(node, (unknown[0],))}: unknown field {unknown[0]!r} "
+                            f"(known: {', '.join(sorted(known))})")
     if isinstance(raw.get("inputs"), str):
         raw["inputs"] = [raw["inputs"]]
-    # relative paths in the config are relative to the config file; overrides to the working folder
-    base = path.parent
-    raw["inputs"] = [p if os.path.isabs(p) else str(base / p) for p in raw.get("inputs") or []]
-    if "out" in raw:
-        raw["out"] = raw["out"] if os.path.isabs(raw["out"]) else str(base / raw["out"])
-    raw.update({k: v for k, v in overrides.items() if v is not None})
     try:
+        # before the paths in it are used; a field given on the command line replaces the file's
+        check_types({k: v for k, v in raw.items() if overrides.get(k) is None}, typing.get_type_hints(CurateConfig))
+        # relative paths in the config are relative to the config file; overrides to the working folder
+        base = path.parent
+        raw["inputs"] = [p if os.path.isabs(p) else str(base / p) for p in raw.get("inputs") or []]
+        if "out" in raw:
+            raw["out"] = raw["out"] if os.path.isabs(raw["out"]) else str(base / raw["out"])
+        raw.update({k: v for k, v in overrides.items() if v is not None})
         return CurateConfig(**raw)
+    except FieldError as e:
+        line = _yaml_line(node, e.loc) if e.loc and overrides.get(e.loc[0]) is None else None  # (not the CLI)
+        raise SlmforgeError(f"{path}{f':{line}' if line else ''}: {e}") from None
     except SlmforgeError as e:
         raise SlmforgeError(f"{path}: {e}") from None
+
+
+def _yaml_line(node, loc: tuple) -> int | None:
+    """The 1-based line of the value at `loc` (keys and list indexes) in a composed YAML tree; the
+    deepest one found when the path goes further than the file does."""
+    import yaml
+
+    line = None
+    for part in loc:
+        child = None
+        if isinstance(node, yaml.MappingNode):
+            child = next((v for k, v in node.value if k.value == part), None)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            child = node.value[part]
+        if child is None:
+            break
+        node, line = child, child.start_mark.line + 1
+    return line
 
 
 # ------------------------------------------------------------------------------------------ shards
@@ -509,7 +593,23 @@ def _as_dict(obj) -> dict | None:
 def curate(cfg: CurateConfig) -> dict:
     """Run the chain; returns the report dict (also written to out/report.json, report.md, funnel.png)."""
     out = Path(cfg.out)
+    created = check_out_dir(out)
+    if not (out / "00-source.done").is_file():  # before the folder is made: a typo should leave nothing behind
+        for pattern in cfg.inputs:
+            if not glob.glob(pattern):
+                raise SlmforgeError(f"curate config: inputs: {pattern}: no such file")
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _curate(cfg, out)
+    except BaseException:
+        # a folder this run made and nothing in it worth resuming from (no finished source, no synth rows)
+        if created and not (out / "00-source.done").exists() and \
+                not any(p.stat().st_size for p in (out / "synth").glob("*.jsonl")):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _curate(cfg: CurateConfig, out: Path) -> dict:
     t_start = time.time()
     console.print(f"[bold]curate[/] -> {out} ({cfg.executor} executor, {cfg.workers} worker(s))")
     stages = [{"stage": "source", **run_source(cfg, out)}]

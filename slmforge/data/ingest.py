@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from slmforge.errors import SlmforgeError
-from slmforge.io import read_json, write_json
+from slmforge.io import check_out_dir, read_json, write_json
 
 SPLITS = ("paragraph", "line", "file")
 NORMAL_FORMS = ("NFC", "NFKC", "none")
@@ -377,6 +377,7 @@ def ingest(
         raise SlmforgeError(f"shard_docs must be >= 1, got {shard_docs}")
     files = find_inputs(paths)
     out = Path(out_dir)
+    check_out_dir(out)
     opts = {"text_field": "text", "split": "paragraph", "normalize": "NFC", "on_error": "fail", **opts}
     fingerprint = _fingerprint(files, {**opts, "shard_docs": shard_docs})
     if (out / "stats.json").is_file():

@@ -24,7 +24,7 @@ import torch
 
 from slmforge.data import ingest
 from slmforge.errors import SlmforgeError
-from slmforge.io import read_json, write_json
+from slmforge.io import check_out_dir, read_json, remove_if_empty, write_json
 from slmforge.tokenizer import Tokenizer
 
 FORMAT = "slmforge-tokens-v1"
@@ -111,6 +111,7 @@ def pack_tokens(
         raise SlmforgeError(f"val fraction must be in [0, 1), got {val_fraction}")
     files = ingest.find_inputs(paths)
     out = Path(out_dir)
+    created = check_out_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     dtype = token_dtype(tokenizer.vocab_size)
     t0 = time.time()
@@ -142,6 +143,7 @@ def pack_tokens(
         for w in writers.values():
             w.f.close()
             w.tmp.unlink(missing_ok=True)
+        remove_if_empty(out, created)
         raise
     elapsed = time.time() - t0
     return {**index, "elapsed_s": round(elapsed, 3), "tokens_per_s": round(index["tokens"] / max(elapsed, 1e-9))}
@@ -202,6 +204,8 @@ def _finish(out: Path, writers: dict[str, _SplitWriter], index: dict) -> None:
         fd, tmp_docs = tempfile.mkstemp(prefix=f".{name}.docs.", suffix=".npy.tmp", dir=out)
         with os.fdopen(fd, "wb") as f:
             np.save(f, np.frombuffer(w.offsets, dtype=np.int64) if w.offsets else np.zeros(0, np.int64))
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(w.tmp, out / f"{name}.bin")
         os.replace(tmp_docs, out / f"{name}.docs.npy")
     write_json(out / "index.json", index)

@@ -176,7 +176,7 @@ def _end_of_last_line(path: Path, chunk: int = 1 << 16) -> int:
 def _ask_teacher(lm, plans: list[Plan], sampling, on_error: str,
                  stats: SynthStats) -> tuple[list[str | None], SlmforgeError | None]:
     """The teacher's reply to each plan (None when its request failed), up to lm.concurrency at once;
-    and the first error when on_error is "fail"."""
+    and the first error (None when every request succeeded)."""
 
     def one(plan: Plan) -> str | SlmforgeError:
         # one sampling seed per sample: reproducible where the endpoint honours seeds
@@ -195,7 +195,7 @@ def _ask_teacher(lm, plans: list[Plan], sampling, on_error: str,
     errors = [r for r in replies if isinstance(r, SlmforgeError)]
     stats.failed += len(errors)
     texts = [None if isinstance(r, SlmforgeError) else r for r in replies]
-    return texts, (errors[0] if errors and on_error == "fail" else None)
+    return texts, (errors[0] if errors else None)
 
 
 def is_base_lm(teacher: str) -> bool:
@@ -261,6 +261,14 @@ def synthesize(recipe: str, n: int, out_path: str | Path, teacher: str = "builti
         raise SlmforgeError(f"batch_size must be >= 1, got {batch_size}")
     if on_error not in ("skip", "fail"):
         raise SlmforgeError(f"on_error must be 'skip' or 'fail', got {on_error!r}")
+    # all before anything is opened or written (0 requests in flight would never finish a batch)
+    for name, value, least in (("concurrency", concurrency, 1), ("max_retries", max_retries, 0),
+                               ("rpm", requests_per_minute, 0), ("price_in", price_in, 0),
+                               ("price_out", price_out, 0), ("max_new_tokens", max_new_tokens or 1, 1)):
+        if value < least:
+            raise SlmforgeError(f"--{name.replace('_', '-')} {value}: must be >= {least}")
+    if Path(out_path).is_dir():
+        raise SlmforgeError(f"{out_path}: is a directory (--out is the JSONL file to write)")
     teacher_name = getattr(lm, "name", teacher) if lm is not None else teacher
     topics = _check_topics(recipe, teacher_name if lm is None else "lm", tuple(topics) if topics else None)
 
@@ -331,7 +339,7 @@ def synthesize(recipe: str, n: int, out_path: str | Path, teacher: str = "builti
         write_json(stats_path, stats.to_dict())
         return stats
 
-    t0, n_bytes = time.perf_counter(), 0
+    t0, n_bytes, first_error = time.perf_counter(), 0, None
     out_path.parent.mkdir(parents=True, exist_ok=True)
     finish()  # a stats file marked incomplete exists before the first row does
     bar = _progress(progress, f"{recipe} ({teacher_name})", len(todo))
@@ -346,6 +354,8 @@ def synthesize(recipe: str, n: int, out_path: str | Path, teacher: str = "builti
                     texts = lm.sample(plans, sampling)
                 else:
                     texts, error = _ask_teacher(lm, plans, sampling, on_error, stats)
+                    first_error = first_error or error
+                    error = error if on_error == "fail" else None
                 lines = []
                 for plan, text in zip(plans, texts, strict=True):
                     if text is None:
@@ -374,6 +384,10 @@ def synthesize(recipe: str, n: int, out_path: str | Path, teacher: str = "builti
                 if error is not None:
                     raise SlmforgeError(f"{recipe} sample {plans[0].index}..{plans[-1].index}: {error} "
                                         f"(the rows that succeeded are saved; re-run to resume)")
+        if stats.failed and not (stats.written or stats.empty or stats.refused):
+            # skipping failures is for the odd one; a run where nothing got through is not a success
+            raise SlmforgeError(f"{teacher_name}: all {stats.failed} teacher requests failed; the first: "
+                                f"{first_error}")
     finally:
         if bar is not None:
             bar[0].stop()

@@ -64,29 +64,22 @@ def classification_metrics(y_true: Sequence[str], y_pred: Sequence[str],
     unknown = sorted({t for t in y_true if t not in index})
     if unknown:
         raise SlmforgeError(f"classification: reference labels {unknown} are not in labels {labels}")
-    confusion = [[0] * len(labels) for _ in labels]
-    invalid = 0
-    for t, p in zip(y_true, y_pred, strict=True):
-        if p in index:
-            confusion[index[t]][index[p]] += 1
-        else:
-            invalid += 1
-    per_class = {}
-    for i, lab in enumerate(labels):
-        tp = confusion[i][i]
-        predicted = sum(row[i] for row in confusion)
-        support = sum(1 for t in y_true if t == lab)
-        p, r = _pct(tp, predicted), _pct(tp, support)
-        per_class[lab] = {"precision": p, "recall": r, "f1": _f1(p, r), "support": support}
-    correct = sum(confusion[i][i] for i in range(len(labels)))
+    from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
+
+    y_true, y_pred = list(y_true), list(y_pred)
+    # with labels given, sklearn leaves a prediction outside them out of every cell and counts it against
+    # its example's recall and the accuracy: the `invalid` semantics above
+    p, r, f, support = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
+    per_class = {lab: {"precision": 100.0 * float(p[i]), "recall": 100.0 * float(r[i]), "f1": 100.0 * float(f[i]),
+                       "support": int(support[i])} for i, lab in enumerate(labels)}
     return {
         "n": len(y_true),
-        "accuracy": _pct(correct, len(y_true)),
+        "accuracy": 100.0 * float(accuracy_score(y_true, y_pred)),
         "macro_f1": sum(c["f1"] for c in per_class.values()) / len(labels),
-        "invalid": invalid,
+        "invalid": sum(1 for x in y_pred if x not in index),
         "labels": labels,
         "per_class": per_class,
-        "confusion": confusion,
+        "confusion": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
     }
 
 
@@ -96,14 +89,15 @@ def binary_metrics(y_true: Sequence, y_pred: Sequence, positive="anomalous") -> 
     _same_length(y_pred, y_true, "binary")
     if not y_true:
         raise SlmforgeError("binary: no examples")
-    tp = sum(1 for t, p in zip(y_true, y_pred, strict=True) if t == positive and p == positive)
-    fp = sum(1 for t, p in zip(y_true, y_pred, strict=True) if t != positive and p == positive)
-    fn = sum(1 for t, p in zip(y_true, y_pred, strict=True) if t == positive and p != positive)
-    tn = len(y_true) - tp - fp - fn
-    precision, recall = _pct(tp, tp + fp), _pct(tp, tp + fn)
-    return {"n": len(y_true), "precision": precision, "recall": recall, "f1": _f1(precision, recall),
-            "accuracy": _pct(tp + tn, len(y_true)), "tp": tp, "fp": fp, "fn": fn, "tn": tn,
-            "positive": positive}
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    t = [y == positive for y in y_true]
+    p = [y == positive for y in y_pred]
+    tn, fp, fn, tp = (int(x) for x in confusion_matrix(t, p, labels=[False, True]).ravel())
+    precision, recall, f1, _ = precision_recall_fscore_support(t, p, average="binary", zero_division=0)
+    return {"n": len(y_true), "precision": 100.0 * float(precision), "recall": 100.0 * float(recall),
+            "f1": 100.0 * float(f1), "accuracy": _pct(tp + tn, len(y_true)), "tp": tp, "fp": fp, "fn": fn,
+            "tn": tn, "positive": positive}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -303,7 +297,7 @@ def log_parsing_metrics(predicted: Sequence[str], gold: Sequence[str]) -> dict:
 
 TASKS = ("classification", "binary", "translation", "summarization", "qa", "keyphrase")
 _ALIASES = {"anomaly": "binary", "extraction": "qa", "mt": "translation", "summarisation": "summarization"}
-# The reference field each task reads by default: what the task_data loaders write.
+# The reference field each task reads by default: what the slmforge.data.tasks loaders write.
 # qa reads SQuAD-style "answers" (a list) and falls back to "completion".
 REF_FIELDS = {"classification": "label", "binary": "label", "translation": "completion",
               "summarization": "completion", "qa": "answers", "keyphrase": "keyphrases"}
@@ -355,7 +349,7 @@ def evaluate_predictions(task: str, predictions: str | Path | Sequence[dict],
                          pred_field: str = "prediction", ref_field: str | None = None,
                          labels: Sequence[str] | None = None, positive: str = "anomalous",
                          ks: Sequence[int] = (5, 10), tokenize: str | None = None) -> dict:
-    """Score a predictions JSONL against a references JSONL (a task_data test file), or against the
+    """Score a predictions JSONL against a references JSONL (a slmforge.data.tasks test file), or against the
     `ref_field` of the prediction rows themselves when references is None.
 
     Predictions are strings (`pred_field`); for keyphrase they may be a list or a "a; b; c" string.
@@ -363,6 +357,14 @@ def evaluate_predictions(task: str, predictions: str | Path | Sequence[dict],
     task = _ALIASES.get(task, task)
     if task not in TASKS:
         raise SlmforgeError(f"unknown task {task!r}: one of {', '.join(TASKS)}")
+    if task == "translation" and tokenize is not None:
+        import sacrebleu
+
+        if tokenize not in sacrebleu.BLEU.TOKENIZERS:  # else a KeyError from sacrebleu after the files are read
+            raise SlmforgeError(f"--tokenize {tokenize!r}: not a sacrebleu tokenizer; choose one of "
+                                f"{', '.join(sacrebleu.BLEU.TOKENIZERS)}")
+    if task == "keyphrase" and ks and min(ks) < 1:  # a negative k would slice from the end
+        raise SlmforgeError(f"--ks {','.join(map(str, ks))}: cutoffs must be integers >= 1")
     ref_fields = [ref_field] if ref_field else [REF_FIELDS[task]] + (["completion"] if task == "qa" else [])
     preds, pname = _rows(predictions, "predictions")
     if references is None:
