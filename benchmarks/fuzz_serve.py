@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Fuzz the server: `--examples` hypothesis-generated HTTP requests (good and bad bodies, junk types, raw
-bytes, wrong content types, unknown routes; slmforge.serve.fuzz) against an in-process app serving a tiny
+bytes, wrong content types, unknown routes; tests/serve_fuzz.py) against an in-process app serving a tiny
 random model. Every answer must be < 500 with an OpenAI-shaped body; afterwards the server must still
 answer /health and have nothing in flight. Prints the status histogram and writes it to
 benchmarks/results/fuzz_serve.json (gitignored).
@@ -27,8 +27,10 @@ from slmforge.model import LlamaModel
 from slmforge.modeldir import save_model_dir
 from slmforge.serve.app import ServerConfig, create_app
 from slmforge.serve.bench import WORDS
-from slmforge.serve.fuzz import check_response, http_requests
 from slmforge.tokenizer import train_tokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the strategies are test code
+from serve_fuzz import check_response, http_requests  # noqa: E402
 
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "fuzz_serve.json"
 

@@ -6,6 +6,10 @@ goal is zero).
 
     python benchmarks/serve_load.py                               # stories260K (or random 260k), 60 s × 16
     python benchmarks/serve_load.py --preset 15m --duration 30
+    python benchmarks/serve_load.py --preset 15m --ctx 2048 --long-clients 2 --json benchmarks/results/serve_long.json
+
+--long-clients N adds N clients sending --long-prompt-len-word prompts (random weights of --preset with a
+--ctx context): the short clients' TTFT p99 then shows whether long prefills stall the other slots.
 
 The model is llama2.c's stories260K when ../shared/data/tinystories has it, else random weights of
 --preset. Server and load generator share the machine: the server gets --server-threads torch threads.
@@ -41,14 +45,15 @@ DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "serve_load.json"
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinystories"
 
 
-def model_dir(root: Path, preset_name: str) -> tuple[str, Path]:
-    if preset_name == "260k" and (SHARED / "stories260K.bin").is_file():
-        from slmforge.llama2c import import_llama2c
+def model_dir(root: Path, preset_name: str, ctx: int | None = None) -> tuple[str, Path]:
+    if preset_name == "260k" and ctx is None and (SHARED / "stories260K.bin").is_file():
+        from slmforge.convert.llama2c import import_llama2c
 
         return "stories260K", import_llama2c(SHARED / "stories260K.bin", SHARED / "tok512.bin", root / "stories260K")
     tok = train_tokenizer([" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))] * 20, vocab_size=300)
     torch.manual_seed(0)
-    cfg = preset(preset_name, vocab_size=max(tok.vocab_size, 512))
+    cfg = preset(preset_name, vocab_size=max(tok.vocab_size, 512),
+                 **({"max_position_embeddings": ctx} if ctx else {}))
     return f"{preset_name}-random", save_model_dir(root / f"{preset_name}-random", LlamaModel(cfg), tok)
 
 
@@ -67,33 +72,51 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--server-threads", type=int, default=1)
+    ap.add_argument("--ctx", type=int, default=None, help="context of the random model (default: the preset's)")
+    ap.add_argument("--long-clients", type=int, default=0)
+    ap.add_argument("--long-prompt-len", type=int, default=1800)
+    ap.add_argument("--long-max-tokens", type=int, default=8)
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                    help="pass --compile/--no-compile to serve (default: serve's own choice)")
+    ap.add_argument("--server-src", type=Path, default=None,
+                    help="run the server from this source tree instead (e.g. `git archive` of an older commit "
+                         "unpacked there), for before/after comparisons")
     ap.add_argument("--json", type=Path, default=DEFAULT_JSON)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        name, path = model_dir(Path(tmp), args.preset)
+        name, path = model_dir(Path(tmp), args.preset, args.ctx)
         port = free_port()
         env = {**os.environ, "OMP_NUM_THREADS": str(args.server_threads)}
+        if args.server_src:
+            env["PYTHONPATH"] = str(args.server_src.resolve())
         server = subprocess.Popen([sys.executable, "-m", "slmforge", "serve", f"{name}={path}", "--port", str(port),
                                    "--threads", str(args.server_threads), "--max-batch", str(args.max_batch),
-                                   "--max-concurrent", str(4 * args.concurrency)], env=env)
+                                   "--max-concurrent", str(4 * (args.concurrency + args.long_clients)),
+                                   *([] if args.compile is None else ["--compile" if args.compile else "--no-compile"])],
+                                  env=env)
         try:
             base = f"http://127.0.0.1:{port}"
             for _ in range(600):
                 try:
-                    if httpx.get(base + "/health", timeout=1).status_code == 200:
+                    health = httpx.get(base + "/health", timeout=1)
+                    if health.status_code == 200 and health.json().get("ready", True):  # compiled, if compiling
                         break
+                    time.sleep(0.1)
                 except httpx.HTTPError:
                     time.sleep(0.1)
             lens = tuple(int(x) for x in args.prompt_lens.split(","))
             with LoadMeter() as load:  # our process only: the server's CPU counts as "other" here
                 result = asyncio.run(run_load(base + "/v1", name, args.concurrency, args.duration, lens,
-                                              args.max_tokens))
-            metrics = httpx.get(base + "/metrics").text
+                                              args.max_tokens, long_clients=args.long_clients,
+                                              long_prompt_len=args.long_prompt_len,
+                                              long_max_tokens=args.long_max_tokens))
+            metrics = httpx.get(base + "/metrics").text  # no --api-key-env: /metrics is open
         finally:
             server.terminate()
             server.wait(10)
     s = result.summary()
     s.update(model=name, max_tokens=args.max_tokens, prompt_lens=list(lens), server_threads=args.server_threads,
+             ctx=args.ctx, long_clients=args.long_clients, server_src=str(args.server_src or ""), long_prompt_len=args.long_prompt_len, compile=args.compile,
              max_batch=args.max_batch, other_than_load_generator_pct=load.other_pct,  # server + other users
              server_decode_steps=next((float(line.split()[-1]) for line in metrics.splitlines()
                                        if line.startswith("slmforge_engine_decode_steps_total")), None))

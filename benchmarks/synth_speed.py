@@ -25,6 +25,7 @@ import json
 import os
 import platform
 import re
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,7 +35,9 @@ from rich.table import Table
 
 from slmforge.data.diversity import _tokens, diversity_report
 from slmforge.data.synth import synthesize
-from slmforge.openai_stub import serve_stub
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the OpenAI stub is test code
+from openai_stub import serve_stub  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REAL_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinystories" / "tinystories_valid_part1.txt"

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from slmforge.openai_stub import serve_stub
+from openai_stub import serve_stub
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 

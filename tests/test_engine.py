@@ -224,3 +224,104 @@ def test_compiled_step_equals_single_stream(sharp_model, tiny_tokenizer):
     batched = [engine.add(Request(ids, p)) for ids, p in reqs]
     list(run(engine))
     assert [r.output_ids for r in batched] == single
+
+
+# ------------------------------------------------------------------------------- issue 11
+
+
+def _greedy_with_penalties(model, prompt, n, freq, pres):
+    """OpenAI's definition, spelled out: logits[j] -= count[j] * freq + (count[j] > 0) * pres, count over
+    the tokens generated so far."""
+    ids, out = list(prompt), []
+    counts = torch.zeros(model.config.vocab_size)
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(torch.tensor([ids]))[0][0, -1].float()
+            logits = logits - counts * freq - (counts > 0).float() * pres
+            t = int(logits.argmax())
+            out.append(t)
+            ids.append(t)
+            counts[t] += 1
+    return out
+
+
+@pytest.mark.parametrize("freq,pres", [(1.5, 0.0), (0.0, 2.0), (0.7, -0.5)])
+def test_frequency_and_presence_penalties(sharp_model, freq, pres):
+    prompt = [1, 40, 41, 42]
+    p = SamplingParams(max_new_tokens=16, temperature=0, frequency_penalty=freq, presence_penalty=pres)
+    want = _greedy_with_penalties(sharp_model, prompt, 16, freq, pres)
+    assert want != _greedy_with_penalties(sharp_model, prompt, 16, 0.0, 0.0)  # the penalty matters here
+    assert list(generate_ids(sharp_model, prompt, p)) == want
+    engine = BatchEngine(sharp_model, max_batch=3)  # in company, with and without penalties
+    a = engine.add(Request(prompt, p))
+    b = engine.add(Request([1, 50, 51], SamplingParams(max_new_tokens=9, temperature=0)))
+    c = engine.add(Request(prompt, SamplingParams(max_new_tokens=16, temperature=0.9, seed=1, frequency_penalty=1)))
+    list(run(engine))
+    assert a.output_ids == want
+    assert b.output_ids == list(generate_ids(sharp_model, [1, 50, 51], SamplingParams(max_new_tokens=9, temperature=0)))
+    assert c.output_ids == list(generate_ids(sharp_model, prompt, c.params))
+
+
+def test_long_prompt_is_prefilled_in_chunks_between_decode_steps(sharp_model, tiny_tokenizer):
+    """A long prompt takes several steps to prefill (prefill_budget tokens a step); the request already
+    decoding gets a token every one of those steps, and both give their single-stream tokens."""
+    rng = random.Random(0)
+    long_ids = [1] + [rng.randrange(7, tiny_tokenizer.vocab_size) for _ in range(150)]
+    p_long = SamplingParams(max_new_tokens=8, temperature=0.8, seed=3, repetition_penalty=1.2)
+    p_short = SamplingParams(max_new_tokens=30, temperature=0)
+    engine = BatchEngine(sharp_model, max_batch=2, prefill_chunk=32, prefill_budget=32)
+    short = engine.add(Request([1, 40, 41], p_short))
+    engine.step()
+    long = engine.add(Request(long_ids, p_long, logprobs=2, prompt_logprobs=True))
+    steps_to_first = 0
+    while not long.output_ids:
+        n = len(short.output_ids)
+        engine.step()
+        steps_to_first += 1
+        assert len(short.output_ids) == n + 1  # not stalled by the long prefill
+    assert steps_to_first == 5  # ceil(151 / 32) chunks, one a step
+    list(run(engine))
+    assert short.output_ids == list(generate_ids(sharp_model, [1, 40, 41], p_short))
+    assert long.output_ids == list(generate_ids(sharp_model, long_ids, p_long))
+    alone = BatchEngine(sharp_model, max_batch=1)
+    ref = alone.add(Request(long_ids, p_long, logprobs=2, prompt_logprobs=True))
+    list(run(alone))
+    assert long.prompt_token_logprobs[0] is None and len(long.prompt_token_logprobs) == len(long_ids)
+    assert long.prompt_token_logprobs[1:] == pytest.approx(ref.prompt_token_logprobs[1:], abs=1e-4)
+
+
+def test_compile_in_background_serves_eager_until_ready(sharp_model, tiny_tokenizer, monkeypatch):
+    """compile=True with a background compile: steps run eager (same tokens) until the compiled step is
+    built, and `compiling` says so."""
+    import threading
+
+    gate = threading.Event()
+    monkeypatch.setattr(BatchEngine, "_compile_step", lambda self: gate.wait(30))
+    engine = BatchEngine(sharp_model, max_batch=2, compile=True)
+    engine.compile_in_background()
+    assert engine.compiling
+    r = engine.add(Request([1, 40, 41], SamplingParams(max_new_tokens=6, temperature=0)))
+    list(run(engine))
+    assert r.output_ids == list(generate_ids(sharp_model, [1, 40, 41], SamplingParams(max_new_tokens=6, temperature=0)))
+    gate.set()
+    engine.compile_thread.join(5)
+    assert not engine.compiling and engine.compiled_ready
+
+
+def test_text_stream_is_incremental_and_exact(tiny_tokenizer, monkeypatch):
+    """TextStream does not re-decode every id per token (quadratic), and its text is still decode(ids),
+    for random ids too (bytes that do not form characters)."""
+    from slmforge.infer.engine import TextStream
+
+    tok = tiny_tokenizer
+    decoded = []
+    real = tok.decode
+    monkeypatch.setattr(tok, "decode", lambda ids, **kw: (decoded.append(len(list(ids))), real(ids, **kw))[1])
+    rng = random.Random(0)
+    ids = [rng.randrange(7, tok.vocab_size) for _ in range(400)]
+    ts = TextStream(tok)
+    deltas = "".join(ts.push(i)[0] for i in ids) + ts.flush()
+    assert sum(decoded) <= 2 * len(ids), sum(decoded)  # was 400 * 401 / 2
+    monkeypatch.undo()
+    assert deltas == ts.text == tok.decode(ids)
+    assert ts.offsets == sorted(ts.offsets) and ts.offsets[-1] <= len(ts.text)

@@ -6,11 +6,11 @@ import time
 
 import pytest
 import torch
+from openai_stub import serve_stub
 
 from slmforge.errors import SlmforgeError
 from slmforge.infer.engine import SamplingParams
 from slmforge.lm import LocalLM, OpenAILM, RateLimiter, Usage, open_lm
-from slmforge.openai_stub import serve_stub
 
 GREEDY = SamplingParams(max_new_tokens=8, temperature=0)
 

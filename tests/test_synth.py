@@ -7,6 +7,7 @@ import zlib
 from fractions import Fraction
 
 import pytest
+from openai_stub import serve_stub
 
 from slmforge.data import synth
 from slmforge.data.storygen import sample_seed, write_story
@@ -21,7 +22,6 @@ from slmforge.data.textbook import (
 )
 from slmforge.errors import SlmforgeError
 from slmforge.lm import OpenAILM
-from slmforge.openai_stub import serve_stub
 
 
 def rows(path) -> list[dict]:

@@ -41,7 +41,7 @@ def browser():
 
 
 def test_page_is_self_contained(server):
-    r = httpx.get(server.base + "/")
+    r = httpx.get(server.base + "/", timeout=60)  # generous: the test machine may be shared
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
     assert "http://" not in r.text and "https://" not in r.text  # no CDN, nothing fetched from elsewhere
 
@@ -50,7 +50,7 @@ def test_chat_streams_greedy_reply(server, browser):
     message, max_tokens = "Tom saw the cat.", 40
     expected = httpx.post(server.base + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, json={
         "model": "tiny", "messages": [{"role": "user", "content": message}], "temperature": 0,
-        "max_tokens": max_tokens}).json()["choices"][0]["message"]["content"]
+        "max_tokens": max_tokens}, timeout=60).json()["choices"][0]["message"]["content"]
     assert expected
 
     page = browser.new_page()

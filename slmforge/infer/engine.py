@@ -7,28 +7,41 @@
             ...
 
 The cache holds `max_batch` rows (slots) of `max_len` positions, allocated once. A request waits in a
-queue until a slot is free; it is then prefilled into its slot (in chunks, so attention and logits stay
-small) and from then on decoded together with every other active slot: one forward of shape
-(slots, 1) per step, each row at its own position. Requests join and leave between steps.
+queue until a slot is free; it is then prefilled into its slot in chunks of `prefill_chunk` tokens, at
+most `prefill_budget` prompt tokens a step, so that a long prompt is spread over several steps and the
+slots already decoding keep getting a token every step (chunked prefill). Once prefilled it is decoded
+together with every other active slot: one forward of shape (slots, 1) per step, each row at its own
+position. Requests join and leave between steps.
 
-Sampling (temperature, top-k, top-p, repetition penalty) runs vectorised over the batch with per-slot
-parameters, and each request draws from its own seeded generator, so a request's output does not depend
-on what else is in the batch. `generate_ids`, `stream_text` and `generate_text` run one request alone.
+Sampling (temperature, top-k, top-p, repetition, frequency and presence penalties) runs vectorised over
+the batch with per-slot parameters, and each request draws from its own seeded generator, so a
+request's output does not depend on what else is in the batch (chunk boundaries are fixed multiples of
+`prefill_chunk` for the same reason). `generate_ids`, `stream_text` and `generate_text` run one request
+alone.
 """
 
 from __future__ import annotations
 
 import itertools
 import random
+import threading
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from tokenizers.decoders import DecodeStream
 
 from slmforge.errors import SlmforgeError
 from slmforge.infer.fastpath import decode_model
-from slmforge.infer.sampling import RowParams, SamplingParams, apply_penalty, pick, sample_next
+from slmforge.infer.sampling import (
+    RowParams,
+    SamplingParams,
+    apply_counts_penalty,
+    apply_penalty,
+    pick,
+    sample_next,
+)
 from slmforge.model import KVCache, LlamaModel
 from slmforge.tokenizer import Tokenizer
 
@@ -42,7 +55,9 @@ class TextStream:
     """Token ids in, text deltas out, honouring stop strings.
 
     Text that could be the start of a stop string, or half of a multi-byte character, is held back until
-    it is known not to be. `offsets[i]` is where token i's text starts in the output.
+    it is known not to be. `offsets[i]` is where token i's text starts in the output. Decoding is
+    incremental (tokenizers' DecodeStream decodes only the last few ids per token, where decoding all of
+    them each token would be quadratic in the output's length).
     """
 
     def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = ()):
@@ -53,12 +68,16 @@ class TextStream:
         self.text = ""  # decoded so far (cut at a stop string once one is found)
         self.emitted = 0
         self.stopped = False  # a stop string was found
+        self.decoder = DecodeStream(skip_special_tokens=True)
+        self.pending = False  # the decoder holds ids that do not form whole characters yet
 
     def push(self, token: int) -> tuple[str, bool]:
         """Add a token; returns (text safe to show now, whether a stop string was reached)."""
         self.offsets.append(len(self.text))
         self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
+        piece = self.decoder.step(self.tokenizer.tok, token)
+        self.pending = piece is None
+        text = self.text + (piece or "")
         cut = min((i for s in self.stop if (i := text.find(s, max(0, self.emitted - len(s)))) >= 0), default=-1)
         if cut >= 0:
             self.text, self.stopped = text[:cut], True
@@ -81,6 +100,11 @@ class TextStream:
 
     def flush(self) -> str:
         """Everything not yet emitted (at the end of the request)."""
+        if self.pending and not self.stopped:  # bytes that never completed a character: as decode() shows them
+            full = self.tokenizer.decode(self.ids)
+            if full.startswith(self.text):
+                self.text = full
+            self.pending = False
         delta, self.emitted = self.text[self.emitted:], max(self.emitted, len(self.text))
         return delta
 
@@ -104,6 +128,12 @@ class Request:
     text: TextStream | None = None
     finish_reason: str | None = None  # "stop" (stop id or string), "length", or "cancelled"
     slot: int = -1
+    n_prefilled: int = 0  # prompt tokens in the cache so far
+
+    @property
+    def decoding(self) -> bool:
+        """In a slot with its whole prompt prefilled."""
+        return self.slot >= 0 and self.n_prefilled == len(self.prompt_ids)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens is None:
@@ -132,19 +162,29 @@ class BatchEngine:
     """Continuous batching over `max_batch` KV-cache slots. Not thread-safe: one thread calls add/step."""
 
     def __init__(self, model: LlamaModel, tokenizer: Tokenizer | None = None, max_batch: int = 8,
-                 max_len: int | None = None, prefill_chunk: int = 512, prefill_budget: int = 2048,
+                 max_len: int | None = None, prefill_chunk: int = 256, prefill_budget: int = 512,
                  fast: bool = True, compile: bool = False):
-        """fast: decode on `DecodeModel`, an inference copy of the weights laid out for one-token steps
-        (False: the training model's own forward). compile: run that step compiled by torch.compile, one
-        graph per batch size (10-25 s the first time; pays off for small models, where eager per-op
-        overhead is most of a step)."""
+        """prefill_chunk: prompt tokens per prefill forward; prefill_budget: prompt tokens prefilled per
+        step, across requests (at least one chunk), which bounds how long a step can stall the slots that
+        are decoding. fast: decode on `DecodeModel`, an inference copy of the weights laid out for
+        one-token steps (False: the training model's own forward). compile: run that step compiled by
+        torch.compile, one graph per batch size (10-25 s the first time, more with a cold inductor cache;
+        pays off for small models, where eager per-op overhead is most of a step). The first step compiles
+        it, unless `compile_in_background` was called: then steps run eager until it is built."""
         ctx = model.config.max_position_embeddings
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_len = max_batch, min(max_len or ctx, ctx)
         self.compile = compile and fast
         self.decoder = decode_model(model, max_batch, fixed=self.compile) if fast else None
-        self.prefill_chunk = prefill_chunk  # tokens per prefill forward
-        self.prefill_budget = prefill_budget  # prompt tokens admitted per step (at least one request)
+        if prefill_chunk < 1 or prefill_budget < 1:
+            raise SlmforgeError("prefill_chunk and prefill_budget must be >= 1")
+        self.prefill_chunk, self.prefill_budget = prefill_chunk, prefill_budget
+        self.prefilling: list[Request] = []  # in slots, prompt partly in the cache, in admission order
+        self.passed_over: set[int] = set()  # ids of prefilling requests that got no chunk last step
+        self.compiled_ready = False  # the compiled step is built
+        self.compiling = False  # ... in a background thread, while steps run eager
+        self.compile_thread: threading.Thread | None = None
+        self.compile_error: str | None = None
         device, dtype = _model_device_dtype(model)
         self.device = device
         self.cache = KVCache(model.config, max_batch, self.max_len, device=device, dtype=dtype)
@@ -158,7 +198,10 @@ class BatchEngine:
         self.top_k = torch.zeros(max_batch, dtype=torch.long, device=device)
         self.top_p = torch.ones(max_batch, device=device)
         self.penalty = torch.ones(max_batch, device=device)
+        self.frequency = torch.zeros(max_batch, device=device)
+        self.presence = torch.zeros(max_batch, device=device)
         self.seen: torch.Tensor | None = None  # (max_batch, vocab) bool, made when a request needs it
+        self.counts: torch.Tensor | None = None  # (max_batch, vocab) generated-token counts, likewise
         self.arange = torch.arange(self.max_len, device=device)
         self.pos_py = [0] * max_batch  # positions again, in Python, so kv_len needs no sync
         self.steps = 0  # decode forwards so far
@@ -198,6 +241,8 @@ class BatchEngine:
 
     def _free(self, req: Request) -> None:
         s = req.slot
+        if req in self.prefilling:
+            self.prefilling.remove(req)
         self.slots[s], req.slot = None, -1
         self.active[s], self.positions[s], self.pos_py[s] = 0, 0, 0
 
@@ -205,30 +250,63 @@ class BatchEngine:
 
     @torch.inference_mode()
     def step(self) -> list[Update]:
-        """Admit waiting requests into free slots (prefill), then decode one token for every slot."""
+        """Admit waiting requests into free slots, prefill up to `prefill_budget` of their prompt tokens,
+        then decode one token for every slot whose prompt is in."""
         updates: list[Update] = []
-        self._admit(updates)
+        self._admit()
+        self._prefill(updates)
         self._decode(updates)
         return updates
 
-    def _admit(self, updates: list[Update]) -> None:
-        budget = self.prefill_budget
-        while self.waiting and None in self.slots and (budget > 0 or budget == self.prefill_budget):
+    def _admit(self) -> None:
+        while self.waiting and None in self.slots:
             req = self.waiting.popleft()
-            budget -= len(req.prompt_ids)
             s = self.slots.index(None)  # lowest free slot keeps the decode window [lo, hi) dense
-            self.slots[s], req.slot = req, s
+            self.slots[s], req.slot, req.n_prefilled = req, s, 0
             p = req.params
             self.temperature[s], self.top_k[s], self.top_p[s] = p.temperature, p.top_k, p.top_p
-            self.penalty[s] = p.repetition_penalty
+            self.penalty[s], self.frequency[s], self.presence[s] = (p.repetition_penalty, p.frequency_penalty,
+                                                                    p.presence_penalty)
             if p.repetition_penalty != 1.0:
                 if self.seen is None:
                     self.seen = torch.zeros(self.max_batch, self.model.config.vocab_size, dtype=torch.bool,
                                             device=self.device)
                 self.seen[s] = False
                 self.seen[s, torch.tensor(req.prompt_ids, device=self.device)] = True
-            last = self._prefill(req)
-            n = len(req.prompt_ids)
+            if p.counts_generated:
+                if self.counts is None:
+                    self.counts = torch.zeros(self.max_batch, self.model.config.vocab_size, device=self.device)
+                self.counts[s] = 0
+            # Until its prompt is in, the slot's row in a decode step computes a throwaway token at the
+            # first position not yet prefilled; the next chunk overwrites what that wrote to the cache.
+            self.positions[s], self.pos_py[s], self.active[s] = 0, 0, 0
+            if req.prompt_logprobs:
+                req.prompt_token_logprobs = [None]
+            self.prefilling.append(req)
+
+    def _prefill(self, updates: list[Update]) -> None:
+        """Prefill chunks of waiting prompts, at most `prefill_budget` tokens (and at least one chunk).
+        Shortest remaining prompt first, so short requests get their first token soon; a request passed
+        over last step goes first, so a long prompt always gets on."""
+        budget, done = self.prefill_budget, False
+        order = sorted(self.prefilling, key=lambda r: (r.id not in self.passed_over,
+                                                       len(r.prompt_ids) - r.n_prefilled))
+        self.passed_over = set()
+        for req in order:
+            n, s, last = len(req.prompt_ids), req.slot, None
+            while req.n_prefilled < n:
+                size = min(self.prefill_chunk, n - req.n_prefilled)
+                if done and size > budget:
+                    break
+                last = self._prefill_chunk(req, req.n_prefilled, req.n_prefilled + size)
+                req.n_prefilled += size
+                budget, done = budget - size, True
+            if req.n_prefilled < n:
+                if last is None:
+                    self.passed_over.add(req.id)
+                self.positions[s], self.pos_py[s] = req.n_prefilled, req.n_prefilled
+                continue
+            self.prefilling.remove(req)
             if req.max_new_tokens == 0:  # prompt scoring only
                 req.finish_reason = "length"
                 self._free(req)
@@ -237,30 +315,59 @@ class BatchEngine:
             self.positions[s], self.pos_py[s], self.active[s] = n, n, 1
             self._sample_and_emit(s, s + 1, last, updates)
 
-    def _prefill(self, req: Request) -> torch.Tensor:
-        """Write the prompt's keys/values into the request's slot; returns the last position's logits."""
-        ids = torch.tensor(req.prompt_ids, device=self.device)[None]
-        cache = self.cache.rows(req.slot, req.slot + 1)
-        if req.prompt_logprobs:
-            req.prompt_token_logprobs = [None]
-        for start in range(0, ids.shape[1], self.prefill_chunk):
-            chunk = ids[:, start:start + self.prefill_chunk]
-            logits, _ = self.model(chunk, cache=cache, pos=start, last_only=not req.prompt_logprobs)
-            if req.prompt_logprobs:  # position j predicts token j + 1
-                targets = ids[0, start + 1:start + 1 + chunk.shape[1]]
-                logp = logits[0, :targets.shape[0]].float().log_softmax(-1)
-                req.prompt_token_logprobs += logp.gather(1, targets[:, None]).squeeze(1).tolist()
+    def _prefill_chunk(self, req: Request, start: int, end: int) -> torch.Tensor:
+        """Write prompt positions [start, end) into the request's slot; returns the last one's logits."""
+        ids = torch.tensor(req.prompt_ids[start:end + 1], device=self.device)[None]
+        chunk = ids[:, :end - start]
+        logits, _ = self.model(chunk, cache=self.cache.rows(req.slot, req.slot + 1), pos=start,
+                               last_only=not req.prompt_logprobs)
+        if req.prompt_logprobs:  # position j predicts token j + 1
+            targets = ids[0, 1:]
+            logp = logits[0, :targets.shape[0]].float().log_softmax(-1)
+            req.prompt_token_logprobs += logp.gather(1, targets[:, None]).squeeze(1).tolist()
         return logits[:, -1]
 
+    # ------------------------------------------------------------------------------------ compile
+
+    def compile_in_background(self) -> None:
+        """Build the compiled decode step in a thread; steps run the same step eager until it is ready
+        (so that a server answers from the start, instead of stalling its first requests on the compile)."""
+        if not self.compile or self.compiled_ready or self.compile_thread is not None:
+            return
+        self.compiling = True
+
+        def build() -> None:
+            try:
+                self._compile_step()
+                self.compiled_ready = True
+            except Exception as e:  # compilers fail in many ways; eager still gives the same tokens
+                self.compile_error, self.compile = f"{type(e).__name__}: {e}", False
+            finally:
+                self.compiling = False
+
+        self.compile_thread = threading.Thread(target=build, name="engine-compile", daemon=True)
+        self.compile_thread.start()
+
+    @torch.inference_mode()
+    def _compile_step(self) -> None:
+        """Run the compiled step on scratch buffers (not the live cache), at two kv lengths so that the
+        graph with a symbolic length is the one built."""
+        k, v = torch.zeros_like(self.cache.k), torch.zeros_like(self.cache.v)
+        tokens, pos = torch.zeros_like(self.tokens), torch.zeros_like(self.positions)
+        for kv_len in (2, min(3, self.max_len)):
+            self.decoder.step(tokens, pos, k, v, kv_len)
+
     def _decode(self, updates: list[Update]) -> None:
-        live = [s for s, r in enumerate(self.slots) if r is not None]
+        live = [s for s, r in enumerate(self.slots) if r is not None and r.decoding]
         if not live:
             return
-        lo, hi = live[0], live[-1] + 1  # free slots inside the window are computed and ignored
-        kv_len = max(self.pos_py[s] for s in live) + 1
+        lo, hi = live[0], live[-1] + 1  # free or prefilling slots inside the window are computed and ignored
+        kv_len = max(self.pos_py[s] for s, r in enumerate(self.slots[:hi]) if r is not None) + 1
         pos = self.positions[lo:hi]
-        if self.compile:  # every slot, so that the compiled graph's shapes repeat
+        if self.compile and not self.compiling:  # every slot, so that the compiled graph's shapes repeat
             logits = self.decoder.step(self.tokens, self.positions, self.cache.k, self.cache.v, kv_len)[lo:hi]
+        elif self.compile:  # the compiled step is still being built: the same step, eager
+            logits = self.decoder(self.tokens, self.positions, self.cache.k, self.cache.v, kv_len)[lo:hi]
         elif self.decoder is not None:
             logits = self.decoder(self.tokens[lo:hi], pos, self.cache.k[:, lo:hi], self.cache.v[:, lo:hi], kv_len)
         else:
@@ -276,23 +383,33 @@ class BatchEngine:
 
     def _sample_and_emit(self, lo: int, hi: int, logits: torch.Tensor, updates: list[Update]) -> None:
         """Sample the next token of slots lo..hi from logits (hi - lo, V) and hand it to each request."""
-        reqs = self.slots[lo:hi]
+        reqs = [r if r is not None and r.decoding else None for r in self.slots[lo:hi]]  # None: ignore the row
         live = [r for r in reqs if r is not None]
         sampled = [r for r in live if r.params.temperature > 0]
         rp = RowParams(self.temperature[lo:hi], self.top_k[lo:hi], self.top_p[lo:hi], self.penalty[lo:hi],
                        any_sampled=bool(sampled), max_top_k=max((r.params.top_k for r in sampled), default=0),
                        any_top_p=any(r.params.top_p < 1 for r in sampled),
-                       any_penalty=any(r.params.repetition_penalty != 1 for r in live))
+                       any_penalty=any(r.params.repetition_penalty != 1 for r in live),
+                       frequency=self.frequency[lo:hi], presence=self.presence[lo:hi],
+                       any_counts=any(r.params.counts_generated for r in live))
         raw = logits.float()
         logits = apply_penalty(raw, self.seen[lo:hi], rp.penalty) if rp.any_penalty else raw
+        if rp.any_counts:
+            logits = apply_counts_penalty(logits, self.counts[lo:hi], rp.frequency, rp.presence)
         uniform = None
         if sampled:  # one draw per sampling request per token, from its own generator
             uniform = torch.tensor([r.rng.random() if r is not None and r.params.temperature > 0 else 0.0
                                     for r in reqs], device=self.device)
         toks = pick(logits, rp, uniform)
         self.tokens[lo:hi] = toks
-        if rp.any_penalty:
-            self.seen[torch.arange(lo, hi, device=self.device), toks] = True
+        if rp.any_penalty or rp.any_counts:  # only the rows of requests that took their token
+            keep = [i for i, r in enumerate(reqs) if r is not None]
+            rows = torch.tensor([lo + i for i in keep], device=self.device)
+            mine = toks[keep] if len(keep) < len(reqs) else toks
+            if rp.any_penalty:
+                self.seen[rows, mine] = True
+            if rp.any_counts:
+                self.counts[rows, mine] += 1
         n_top = max((r.logprobs for r in live if r.logprobs is not None), default=-1)
         chosen_lp = top_lp = top_ids = None
         if n_top >= 0:  # log-probs of the model's own distribution, before any sampling filter

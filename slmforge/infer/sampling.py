@@ -1,4 +1,5 @@
-"""Sampling: per-row temperature, top-k, top-p and repetition penalty, vectorised over a batch.
+"""Sampling: per-row temperature, top-k, top-p, repetition, frequency and presence penalties, vectorised
+over a batch.
 
 Every row of a batch may belong to a different request with its own parameters, so the parameters are
 tensors with one entry per row. Each request draws its own uniform number per token from its own seeded
@@ -23,6 +24,9 @@ class SamplingParams:
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
     repetition_penalty: float = 1.0  # >1 discourages tokens already in the context (CTRL-style)
+    # OpenAI's, over the tokens generated so far: logit -= count * frequency + (count > 0) * presence
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
 
@@ -37,6 +41,14 @@ class SamplingParams:
             raise SlmforgeError("top_p must be in (0, 1]")
         if self.repetition_penalty <= 0:
             raise SlmforgeError("repetition_penalty must be > 0")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise SlmforgeError(f"{name} must be in [-2, 2]")
+
+    @property
+    def counts_generated(self) -> bool:
+        """Whether sampling needs the counts of the tokens generated so far."""
+        return self.frequency_penalty != 0 or self.presence_penalty != 0
 
 
 @dataclass
@@ -52,6 +64,9 @@ class RowParams:
     max_top_k: int = 0
     any_top_p: bool = False
     any_penalty: bool = False
+    frequency: torch.Tensor | None = None  # (B,) float, 0 = off
+    presence: torch.Tensor | None = None  # (B,) float, 0 = off
+    any_counts: bool = False  # some row has a frequency or presence penalty
 
     @classmethod
     def repeat(cls, p: SamplingParams, batch: int, device=None) -> RowParams:
@@ -59,7 +74,9 @@ class RowParams:
             return torch.full((batch,), v, dtype=dtype, device=device)
         return cls(full(p.temperature, torch.float32), full(p.top_k, torch.long), full(p.top_p, torch.float32),
                    full(p.repetition_penalty, torch.float32), any_sampled=p.temperature > 0,
-                   max_top_k=p.top_k, any_top_p=p.top_p < 1, any_penalty=p.repetition_penalty != 1)
+                   max_top_k=p.top_k, any_top_p=p.top_p < 1, any_penalty=p.repetition_penalty != 1,
+                   frequency=full(p.frequency_penalty, torch.float32), presence=full(p.presence_penalty, torch.float32),
+                   any_counts=p.counts_generated)
 
 
 def apply_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
@@ -68,6 +85,12 @@ def apply_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tenso
     pen = penalty[:, None]
     penalised = torch.where(logits > 0, logits / pen, logits * pen)
     return torch.where(seen, penalised, logits)
+
+
+def apply_counts_penalty(logits: torch.Tensor, counts: torch.Tensor, frequency: torch.Tensor,
+                         presence: torch.Tensor) -> torch.Tensor:
+    """OpenAI's frequency and presence penalties: `counts` (B, V) is how often each token was generated."""
+    return logits - counts * frequency[:, None] - (counts > 0).to(logits.dtype) * presence[:, None]
 
 
 def filter_logits(logits: torch.Tensor, rp: RowParams) -> torch.Tensor:
@@ -119,11 +142,12 @@ def pick(logits: torch.Tensor, rp: RowParams, uniform: torch.Tensor | None) -> t
 
 
 def sample_next(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | random.Random | None,
-                context: torch.Tensor | None = None) -> torch.Tensor:
+                context: torch.Tensor | None = None, counts: torch.Tensor | None = None) -> torch.Tensor:
     """logits (B, V) -> next ids (B,) for B rows sharing one SamplingParams.
 
-    Filters in the order HF applies them: penalty, temperature, top-k, top-p. context: (B, S) ids the
-    repetition penalty applies to.
+    Filters in the order HF/vLLM apply them: penalties, temperature, top-k, top-p. context: (B, S) ids the
+    repetition penalty applies to; counts: (B, V) how often each token was generated so far (frequency
+    and presence penalties; without it they are not applied).
     """
     logits = logits.float()
     B = logits.size(0)
@@ -131,6 +155,8 @@ def sample_next(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | 
     if rp.any_penalty and context is not None:
         seen = torch.zeros_like(logits, dtype=torch.bool).scatter(1, context, True)
         logits = apply_penalty(logits, seen, rp.penalty)
+    if rp.any_counts and counts is not None:
+        logits = apply_counts_penalty(logits, counts.to(logits.dtype), rp.frequency, rp.presence)
     uniform = None
     if rp.any_sampled:
         if isinstance(gen, random.Random):

@@ -5,6 +5,8 @@ back to back for `duration_s` and we report throughput, time to first token and 
 
 Prompts are words drawn from a small story vocabulary, about `prompt_len` tokens long (cycling through
 `prompt_lens`); token counts come from the server's usage chunk (stream_options.include_usage).
+`long_clients` more clients send `long_prompt_len`-word prompts alongside (their results are kept apart,
+in `result.long`), to see whether long prefills stall the short requests' first tokens.
 """
 
 from __future__ import annotations
@@ -30,14 +32,17 @@ class LoadResult:
     completion_tokens: int = 0
     ttft_s: list[float] = field(default_factory=list)
     latency_s: list[float] = field(default_factory=list)
+    long: LoadResult | None = None  # the long-prompt clients, when there are any
 
     def summary(self) -> dict:
-        d = {k: v for k, v in asdict(self).items() if k not in ("ttft_s", "latency_s")}
+        d = {k: v for k, v in asdict(self).items() if k not in ("ttft_s", "latency_s", "long")}
         d.update(requests_per_s=self.requests / self.duration_s,
                  completion_tokens_per_s=self.completion_tokens / self.duration_s,
                  ttft_p50_ms=1e3 * percentile(self.ttft_s, 50), ttft_p99_ms=1e3 * percentile(self.ttft_s, 99),
                  latency_p50_ms=1e3 * percentile(self.latency_s, 50),
                  latency_p99_ms=1e3 * percentile(self.latency_s, 99))
+        if self.long is not None:
+            d["long"] = self.long.summary()
         return d
 
 
@@ -55,15 +60,19 @@ def make_prompt(n_words: int, rng: random.Random) -> str:
 
 async def run_load(base_url: str, model: str, concurrency: int = 16, duration_s: float = 60.0,
                    prompt_lens: tuple[int, ...] = (16, 64, 128), max_tokens: int = 64, api_key: str | None = None,
-                   temperature: float = 0.8, seed: int = 0) -> LoadResult:
+                   temperature: float = 0.8, seed: int = 0, long_clients: int = 0, long_prompt_len: int = 2000,
+                   long_max_tokens: int = 8) -> LoadResult:
     import httpx
 
     result = LoadResult(concurrency=concurrency, duration_s=duration_s)
+    if long_clients:
+        result.long = LoadResult(concurrency=long_clients, duration_s=duration_s)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     url = base_url.rstrip("/") + "/completions"
     deadline = time.perf_counter() + duration_s
 
-    async def client(i: int, http: httpx.AsyncClient) -> None:
+    async def client(i: int, http: httpx.AsyncClient, result: LoadResult, prompt_lens: tuple[int, ...],
+                     max_tokens: int) -> None:
         rng = random.Random(seed * 1000 + i)
         k = i
         while time.perf_counter() < deadline:
@@ -102,9 +111,14 @@ async def run_load(base_url: str, model: str, concurrency: int = 16, duration_s:
             result.prompt_tokens += usage["prompt_tokens"]
             result.completion_tokens += usage["completion_tokens"]
 
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    n = concurrency + long_clients
+    limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
     async with httpx.AsyncClient(timeout=httpx.Timeout(300.0), limits=limits) as http:
         t0 = time.perf_counter()
-        await asyncio.gather(*(client(i, http) for i in range(concurrency)))
+        await asyncio.gather(*(client(i, http, result, prompt_lens, max_tokens) for i in range(concurrency)),
+                             *(client(concurrency + i, http, result.long, (long_prompt_len,), long_max_tokens)
+                               for i in range(long_clients)))
         result.duration_s = time.perf_counter() - t0
+        if result.long is not None:
+            result.long.duration_s = result.duration_s
     return result
