@@ -33,7 +33,7 @@ def main() -> None:
     texts = args.text or [DATA / "tinystories_valid_part1.txt"]
     models = args.models
     if not models:
-        from slmforge.llama2c import import_llama2c
+        from slmforge.convert.llama2c import import_llama2c
 
         models = [import_llama2c(DATA / "stories260K.bin", DATA / "tok512.bin", REPO / "runs" / "stories260K")]
     load = os.getloadavg()[0]

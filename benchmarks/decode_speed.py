@@ -46,7 +46,7 @@ from rich.table import Table
 from train_throughput import LoadMeter
 
 from slmforge.config import preset
-from slmforge.export.gguf import export_gguf
+from slmforge.convert.gguf import export_gguf
 from slmforge.infer.engine import BatchEngine, Request, SamplingParams, generate_ids, run
 from slmforge.model import LlamaModel
 from slmforge.modeldir import ModelDir, save_model_dir
@@ -65,7 +65,7 @@ def make_model_dirs(root: Path) -> dict[str, Path]:
         torch.manual_seed(0)
         dirs[f"{name} (random)"] = save_model_dir(root / name, LlamaModel(preset(name, vocab_size=vocab)), tok)
     if (SHARED / "stories260K.bin").is_file() and (SHARED / "tok512.bin").is_file():
-        from slmforge.llama2c import import_llama2c
+        from slmforge.convert.llama2c import import_llama2c
 
         dirs["stories260K"] = import_llama2c(SHARED / "stories260K.bin", SHARED / "tok512.bin", root / "stories260K")
     return dirs

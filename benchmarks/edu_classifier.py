@@ -39,11 +39,11 @@ from rich.console import Console
 from rich.table import Table
 
 from slmforge.config import ModelConfig
+from slmforge.convert.llama2c import import_llama2c
 from slmforge.data.edu import Embedder, evaluate, score_documents, train_classifier
 from slmforge.data.edu_sample import SOURCES, source_labelled_sample
 from slmforge.data.quality import QualityConfig, QualityStats, quality_reasons
 from slmforge.io import write_json
-from slmforge.llama2c import import_llama2c
 from slmforge.model import LlamaModel
 from slmforge.modeldir import save_model_dir
 from slmforge.tokenizer import train_tokenizer

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from slmforge.llama2c import import_llama2c
+from slmforge.convert.llama2c import import_llama2c
 from slmforge.modeldir import ModelDir
 from slmforge.tokenizer import Tokenizer
 

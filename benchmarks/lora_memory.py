@@ -46,7 +46,8 @@ def run_one(args: argparse.Namespace) -> None:
 
     from slmforge.config import preset
     from slmforge.model import LlamaModel
-    from slmforge.train.finetune import FinetuneConfig, count_params, lm_loss, trainable_model
+    from slmforge.train.finetune import FinetuneConfig
+    from slmforge.train.heads import count_params, lm_loss, trainable_model
     from slmforge.train.loop import TrainConfig, train
 
     torch.set_num_threads(args.threads)

@@ -50,24 +50,25 @@ def run_one(args: argparse.Namespace) -> None:
     import peft  # noqa: F401 - imported by every run, so the runs' RSS differ only by what training holds
     import torch
 
-    from slmforge.train.finetune import FinetuneConfig, finetune, predict_labels, read_records
-    from slmforge.train.loop import TrainConfig
+    from slmforge.train.finetune import FinetuneConfig, finetune
+    from slmforge.train.heads import predict_labels
+    from slmforge.train.rows import read_records
 
     torch.set_num_threads(args.threads)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     mode, lr, targets = RUNS[args.run]
     cfg = FinetuneConfig(task="classify", head="classifier", mode=mode, lora_r=8, lora_alpha=16,
-                         lora_dropout=0.05, **({"lora_targets": targets.split(",")} if targets else {}))
-    tcfg = TrainConfig(max_steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=lr, min_lr=lr / 10,
-                       warmup_steps=args.steps // 20, weight_decay=0.0, eval_every=args.steps // 4, ckpt_every=0,
-                       threads=args.threads, progress=False, seed=0)
-    s = finetune(args.model, args.data / "train.jsonl", args.out, cfg, tcfg, val_path=args.data / "val.jsonl",
+                         lora_dropout=0.05, **({"lora_targets": targets.split(",")} if targets else {}),
+                         max_steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=lr,
+                         weight_decay=0.0, eval_every=args.steps // 4, ckpt_every=0, threads=args.threads,
+                         progress=False, seed=0)
+    s = finetune(args.model, args.data / "train.jsonl", args.out, cfg, val_path=args.data / "val.jsonl",
                  resume=False)
     rss_train = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak up to the end of training
     test = [r for _, r in read_records(args.data / "test.jsonl")]
     pred_dir = args.out / ("model" if mode == "full" else "merged")
     if mode == "lora":
-        from slmforge.train.finetune import merge_lora
+        from slmforge.train.heads import merge_lora
 
         merge_lora(args.model, args.out / "adapter", pred_dir)
     preds = predict_labels(pred_dir, [r["text"] for r in test], batch_size=64)
@@ -103,7 +104,7 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from slmforge.llama2c import import_llama2c
+    from slmforge.convert.llama2c import import_llama2c
 
     sst2, s260k = DATA / "sst2" / "train.tsv", DATA / "tinystories" / "stories260K.bin"
     for p in (sst2, s260k):

@@ -2,7 +2,7 @@
 """No-model baselines on the task splits the loaders write, so a recipe's figures can be read against them.
 
 Each task's data is prepared exactly as its recipe does it: the `seed` and the `data:` section (loader and
-options) of slmforge/recipes/<recipe>.yaml go to `slmforge.evaluate.task_data.prepare` into a temporary
+options) of slmforge/recipes/<recipe>.yaml go to `slmforge.data.tasks.prepare` into a temporary
 folder, and every baseline is scored with `evaluate_predictions` (the scorer `slmforge eval-task` and the
 recipes use) on test.jsonl, and on val.jsonl when the loader writes one.
 
@@ -33,7 +33,7 @@ from pathlib import Path
 
 import yaml
 
-from slmforge.evaluate.task_data import DIALOGSUM_TEMPLATE, prepare
+from slmforge.data.tasks import DIALOGSUM_TEMPLATE, prepare
 from slmforge.evaluate.tasks import classification_metrics, evaluate_predictions
 from slmforge.io import read_jsonl
 

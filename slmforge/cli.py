@@ -12,6 +12,8 @@ from typing import Annotated
 import typer
 
 from slmforge.errors import SlmforgeError
+from slmforge.stage_config import options_from
+from slmforge.train.pretrain import PretrainConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Build the small language model a task needs, on the hardware you have.")
@@ -46,8 +48,11 @@ def _load(model_dir: Path, dtype: str = "float32"):
 
     from slmforge.modeldir import ModelDir
 
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    if dtype not in dtypes:  # before the model loads: a typo should cost nothing
+        raise SlmforgeError(f"--dtype {dtype}: choose {' or '.join(dtypes)}")
     md = ModelDir.open(model_dir)
-    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    dt = dtypes[dtype]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return md, md.load_model(device=device, dtype=dt), md.load_tokenizer()
 
@@ -108,8 +113,10 @@ def tokenizer_train(
     import itertools
 
     from slmforge.data.pack import iter_documents
+    from slmforge.io import check_out_dir
     from slmforge.tokenizer import train_tokenizer
 
+    check_out_dir(out)  # before the training, not when saving its result
     tok = train_tokenizer(iter_documents(inputs, text_field=text_field), vocab_size, min_frequency,
                           show_progress=True)
     tok.save(out)
@@ -140,44 +147,24 @@ def pack(
 
 
 @app.command()
+@options_from(PretrainConfig)
 def pretrain(
+    cfg: PretrainConfig,
     data: Annotated[Path, typer.Option(help="Packed token folder (slmforge pack).")],
     out: Annotated[Path, typer.Option(help="Run folder: metrics, checkpoints, model/.")],
     tokenizer: Annotated[Path, typer.Option(help="Tokenizer (or model) folder the data was packed with.")],
     preset: Annotated[str, typer.Option(help="Model size preset.")] = "5m",
     ctx: Annotated[int | None, typer.Option(help="Context length (default: the preset's).")] = None,
-    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 2000,
-    batch_size: Annotated[int, typer.Option(help="Sequences per micro-step (per rank).")] = 32,
-    grad_accum: Annotated[int, typer.Option(help="Micro-steps per optimizer step.")] = 1,
-    seq_len: Annotated[int, typer.Option(help="Training window length.")] = 256,
-    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-3,
-    min_lr: Annotated[float | None, typer.Option(help="Final learning rate (default lr/10).")] = None,
-    warmup: Annotated[int | None, typer.Option(help="Warmup steps (default 5% of steps).")] = None,
-    schedule: Annotated[str, typer.Option(help="cosine, wsd or constant.")] = "cosine",
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.1,
-    grad_clip: Annotated[float, typer.Option(help="Gradient norm clip (0 = off).")] = 1.0,
-    precision: Annotated[str, typer.Option(help="bf16 (autocast, CPU and GPU) or fp32.")] = "bf16",
-    compile: Annotated[bool, typer.Option(help="torch.compile the model.")] = False,
-    eval_every: Annotated[int, typer.Option(help="Steps between val-loss evaluations.")] = 200,
-    ckpt_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 200,
-    seed: Annotated[int, typer.Option(help="Seed for init and data order.")] = 0,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
     resume: Annotated[bool, typer.Option(help="Continue from out/checkpoints/last.pt if present.")] = True,
 ) -> None:
     """Pretrain a fresh model on packed tokens (resumable; runs under torchrun for DDP)."""
     from slmforge.config import preset as make_preset
     from slmforge.tokenizer import Tokenizer
-    from slmforge.train.loop import TrainConfig
     from slmforge.train.pretrain import pretrain as run_pretrain
 
     tok = Tokenizer.from_dir(tokenizer)
-    cfg = make_preset(preset, vocab_size=tok.vocab_size, **({"max_position_embeddings": ctx} if ctx else {}))
-    tcfg = TrainConfig(max_steps=steps, batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len, lr=lr,
-                       min_lr=lr / 10 if min_lr is None else min_lr,
-                       warmup_steps=max(steps // 20, 1) if warmup is None else warmup, schedule=schedule,
-                       weight_decay=weight_decay, grad_clip=grad_clip, precision=precision, compile=compile,
-                       eval_every=eval_every, ckpt_every=ckpt_every, seed=seed, device=device)
-    model_dir = run_pretrain(data, out, cfg, tok, tcfg, resume=resume)
+    model_cfg = make_preset(preset, vocab_size=tok.vocab_size, **({"max_position_embeddings": ctx} if ctx else {}))
+    model_dir = run_pretrain(data, out, model_cfg, tok, cfg, resume=resume)
     typer.echo(f"wrote {model_dir}")
 
 
@@ -193,7 +180,17 @@ def generate(
     """Continue a prompt, streaming tokens as they are sampled."""
     from slmforge.infer.engine import stream_text
 
-    _, m, tok = _load(model, dtype)
+    if samples < 1:
+        raise SlmforgeError(f"--samples {samples}: must be at least 1")
+    if max_tokens < 1:
+        raise SlmforgeError(f"--max-tokens {max_tokens}: must be at least 1")
+    md, m, tok = _load(model, dtype)
+    # the engine would quietly cut the prompt's start (BOS included) or the continuation to fit: say so instead
+    ctx, n_prompt = md.config.max_position_embeddings, len(tok.encode(prompt, bos=True))
+    if n_prompt + max_tokens > ctx:
+        raise SlmforgeError(f"prompt of {n_prompt} tokens + --max-tokens {max_tokens} exceeds {model}'s context of "
+                            f"{ctx} tokens (config.json max_position_embeddings); shorten the prompt or lower "
+                            f"--max-tokens")
     for i in range(samples):
         params = _sampling(max_tokens, temperature, top_k, top_p, repetition_penalty, stop,
                            None if seed is None else seed + i)
@@ -205,6 +202,18 @@ def generate(
         typer.echo()
 
 
+def _read_line(prompt: str) -> str | None:
+    """A line from stdin (None at end of input); bytes that are not UTF-8 are a user error, not a traceback."""
+    try:
+        line = input(prompt)
+        line.encode("utf-8")  # a C/POSIX locale decodes bad bytes into lone surrogates instead of failing
+    except EOFError:
+        return None
+    except UnicodeError:
+        raise SlmforgeError("stdin: the input is not UTF-8 text") from None
+    return line
+
+
 @app.command()
 def chat(
     model: Annotated[Path, typer.Argument(help="Model directory.")],
@@ -214,19 +223,24 @@ def chat(
 ) -> None:
     """Interactive chat in the terminal (/reset clears the history, /quit or Ctrl-D leaves).
 
-    A model without a chat template (a plain story model) continues what you type instead.
+    When the conversation outgrows the model's context the oldest exchanges are dropped (the system
+    message stays), with a note on stderr. A model without a chat template (a plain story model)
+    continues what you type instead.
     """
-    from slmforge.infer.engine import stream_text
+    from slmforge.infer.engine import generate_ids
+    from slmforge.tokenizer import fit_messages
 
     _, m, tok = _load(model, dtype)
     params = _sampling(max_tokens, temperature, top_k, top_p, repetition_penalty, None, seed)
+    ctx = m.config.max_position_embeddings
+    # the prompt budget generate_ids allows (a long reply is shortened to fit, a prompt is never cut here)
+    budget = max(ctx - max_tokens, ctx // 2)
     messages: list[dict] = [{"role": "system", "content": system}] if system else []
     mode = "chat" if tok.chat_template else "completion (no chat template)"
     typer.echo(f"slmforge chat — {model} — {mode}. /reset, /quit")
     while True:
-        try:
-            line = input("you> ")
-        except EOFError:
+        line = _read_line("you> ")
+        if line is None:
             typer.echo()
             return
         if line.strip() in ("/quit", "/exit"):
@@ -234,16 +248,28 @@ def chat(
         if line.strip() == "/reset":
             messages = messages[:1] if system else []
             continue
-        if tok.chat_template:
-            messages.append({"role": "user", "content": line})
-            prompt, bos = tok.apply_chat_template(messages), False  # the template writes bos itself
-        else:
-            prompt, bos = line, True
+        try:
+            if tok.chat_template:
+                turn, dropped = fit_messages([*messages, {"role": "user", "content": line}], tok, budget)
+                ids = tok.encode_chat(turn)  # the template writes bos itself
+                if dropped:
+                    typer.secho(f"(dropped the oldest {dropped} messages: the conversation outgrew the model's "
+                                f"context of {ctx} tokens)", dim=True, err=True)
+                messages = turn
+            else:
+                ids = tok.encode(line, bos=True)
+                if len(ids) > budget:
+                    raise SlmforgeError(f"the text does not fit the model's context: {len(ids)} tokens, and "
+                                        f"there is room for {budget}")
+        except SlmforgeError as e:  # this turn cannot be answered; the session (and its history) goes on
+            typer.echo(f"error: {e}", err=True)
+            continue
         typer.echo("model> " + ("" if tok.chat_template else line), nl=False)
-        reply = []
-        for piece in stream_text(m, tok, prompt, params, bos=bos):
-            reply.append(piece)
-            typer.echo(piece, nl=False)
+        stream, reply = tok.decode_stream(), []  # incremental: no re-decoding of the whole reply per token
+        for token in generate_ids(m, ids, params, stop_ids=tok.stop_ids):
+            if piece := stream.step(token):
+                reply.append(piece)
+                typer.echo(piece, nl=False)
         typer.echo()
         if tok.chat_template:
             messages.append({"role": "assistant", "content": "".join(reply)})
@@ -264,7 +290,7 @@ def import_llama2c_cmd(
     out_dir: Annotated[Path, typer.Argument(help="Model directory to write.")],
 ) -> None:
     """Convert a llama2.c checkpoint + tokenizer into a model directory (HF layout)."""
-    from slmforge.llama2c import import_llama2c
+    from slmforge.convert.llama2c import import_llama2c
 
     out = import_llama2c(model_bin, tokenizer_bin, out_dir)
     typer.echo(f"wrote {out}")
@@ -295,6 +321,8 @@ def serve(
 
     from slmforge.serve.app import ServerConfig, create_app
 
+    if not 0 <= port <= 65535:
+        raise SlmforgeError(f"--port {port}: must be in 0-65535")
     keys: list[str] = []
     if api_key_env:
         keys = [k.strip() for k in os.environ.get(api_key_env, "").split(",") if k.strip()]
@@ -312,9 +340,27 @@ def serve(
         compile = not torch.cuda.is_available() and max(widths) <= 512
     cfg = ServerConfig(max_concurrent=max_concurrent, max_batch=max_batch, max_tokens_limit=max_tokens_limit,
                        timeout_s=timeout, api_keys=keys, compile=compile)
+    sock = _listen(host, port)  # before loading models: a port in use is an error at once, not after "serving"
     application = create_app(models, cfg, dtype=getattr(torch, dtype))
-    typer.echo(f"serving {', '.join(application.state.workers)} on http://{host}:{port}/v1", err=True)
-    uvicorn.run(application, host=host, port=port, log_level="warning")
+    port = sock.getsockname()[1]
+    ready = " (compiling the decode step in the background; /health says when it is ready)" if compile else ""
+    typer.echo(f"serving {', '.join(application.state.workers)} on http://{host}:{port}/v1{ready}", err=True)
+    uvicorn.Server(uvicorn.Config(application, log_level="warning")).run(sockets=[sock])
+
+
+def _listen(host: str, port: int):
+    """A socket bound to host:port, for uvicorn to serve on (binding here makes a bad address or a port in
+    use one clear error)."""
+    import socket
+
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # restart right after a stop (TIME_WAIT)
+        sock.bind(addr)
+    except OSError as e:  # gaierror too
+        raise SlmforgeError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
 
 
 @app.command("bench-serve")
@@ -326,6 +372,8 @@ def bench_serve(
     prompt_lens: Annotated[str, typer.Option(help="Prompt lengths in words, comma-separated (cycled).")] = "16,64,128",
     max_tokens: Annotated[int, typer.Option(help="Tokens to generate per request.")] = 64,
     api_key_env: Annotated[str | None, typer.Option(help="Environment variable holding the API key.")] = None,
+    long_clients: Annotated[int, typer.Option(help="Extra clients sending long prompts (reported apart).")] = 0,
+    long_prompt_len: Annotated[int, typer.Option(help="Their prompt length in words.")] = 1000,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the summary here as JSON.")] = None,
 ) -> None:
     """Load-test a server: throughput, time to first token and latency (p50/p99)."""
@@ -339,12 +387,19 @@ def bench_serve(
         lens = tuple(int(x) for x in prompt_lens.split(",") if x.strip())
     except ValueError:
         raise SlmforgeError(f"--prompt-lens {prompt_lens!r}: expected comma-separated integers") from None
+    if concurrency < 1 or long_clients < 0 or duration <= 0:
+        raise SlmforgeError("--concurrency must be >= 1, --long-clients >= 0 and --duration > 0")
     key = os.environ.get(api_key_env) if api_key_env else None
-    s = asyncio.run(run_load(url, model, concurrency, duration, lens or (16,), max_tokens, key)).summary()
+    s = asyncio.run(run_load(url, model, concurrency, duration, lens or (16,), max_tokens, key,
+                             long_clients=long_clients, long_prompt_len=long_prompt_len)).summary()
     typer.echo(f"{s['requests']} requests, {s['errors']} errors {s['errors_by_status'] or ''} in {s['duration_s']:.1f} s"
                f" · {s['requests_per_s']:.2f} req/s · {s['completion_tokens_per_s']:.1f} tokens/s · "
                f"TTFT p50 {s['ttft_p50_ms']:.0f} ms p99 {s['ttft_p99_ms']:.0f} ms · "
                f"latency p50 {s['latency_p50_ms']:.0f} ms p99 {s['latency_p99_ms']:.0f} ms")
+    if "long" in s:
+        lo = s["long"]
+        typer.echo(f"long prompts: {lo['requests']} requests, {lo['errors']} errors · TTFT p50 {lo['ttft_p50_ms']:.0f} ms "
+                   f"p99 {lo['ttft_p99_ms']:.0f} ms")
     if json_out:
         json_out.write_text(json.dumps(s, indent=2))
 
@@ -360,7 +415,7 @@ def export_gguf_cmd(
     type: Annotated[str, typer.Option("--type", help="Weight type: f32, f16 or q8_0.")] = "f16",
 ) -> None:
     """Write a GGUF v3 file (llama architecture, tokenizer and chat template included)."""
-    from slmforge.export.gguf import export_gguf
+    from slmforge.convert.gguf import export_gguf
 
     path = export_gguf(model, out, type)
     typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
@@ -372,8 +427,8 @@ def main() -> None:
     except SlmforgeError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(1)
-    except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
-        typer.echo(f"error: {e.strerror or e}: {e.filename}", err=True)
+    except OSError as e:  # a missing, unwritable or full path: the user's to fix, so no traceback either
+        typer.echo(f"error: {e.strerror or e}: {e.filename}" if e.filename else f"error: {e}", err=True)
         sys.exit(1)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)

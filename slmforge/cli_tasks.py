@@ -26,18 +26,17 @@ def task_data(
     name: Annotated[str, typer.Argument(help="sst2, multi30k, wmt_biomed, translation_domain, pubmedqa, hdfs, "
                                              "inspec or dialogsum.")],
     out: Annotated[Path, typer.Option(help="Folder to write train/val/test JSONL and stats.json into.")],
-    data: Annotated[Path | None, typer.Option(help="The shared data folder (default ../shared/data).")] = None,
+    data: Annotated[Path | None, typer.Option(help="The source data folder (default $SLMFORGE_DATA, else ../shared/data).")] = None,
     seed: Annotated[int, typer.Option(help="Split seed.")] = 0,
     option: Annotated[list[str] | None, typer.Option(help="Loader option KEY=VALUE (repeatable).")] = None,
 ) -> None:
     """Turn a real task data set into slmforge task JSONL (seeded, deterministic splits)."""
-    from slmforge.evaluate.task_data import prepare
-    from slmforge.recipes import resolve_data_dir
+    from slmforge.data.tasks import prepare, resolve_data_dir
 
     stats = prepare(name, resolve_data_dir(data), out, seed, **_options(option))
     counts = stats.get("counts") or {k: v.get("counts") for k, v in stats.items() if isinstance(v, dict)}
     typer.echo(f"wrote {out} · {json.dumps(counts)}")
-    from slmforge.evaluate.task_data import describe_overlap, overlap_of
+    from slmforge.data.tasks import describe_overlap, overlap_of
 
     for split, o in overlap_of(stats).items():
         typer.echo(f"overlap {split}: {describe_overlap(o)}")
@@ -81,12 +80,14 @@ def eval_task(
     from rich.table import Table
 
     from slmforge.evaluate.tasks import evaluate_predictions
-    from slmforge.io import write_json
+    from slmforge.io import check_out_file, write_json
 
     try:
         cutoffs = [int(k) for k in ks.split(",") if k.strip()]
     except ValueError:
         raise SlmforgeError(f"--ks {ks!r}: expected comma-separated integers") from None
+    out = out or predictions.with_name(predictions.name.removesuffix(".jsonl") + ".metrics.json")
+    check_out_file(out)  # before the table is printed, not after
     m = evaluate_predictions(task, predictions, refs, pred_field=pred_field, ref_field=ref_field,
                              labels=labels.split(",") if labels else None, positive=positive, ks=cutoffs,
                              tokenize=tokenize)
@@ -99,7 +100,6 @@ def eval_task(
         elif isinstance(v, int) and not isinstance(v, bool):
             table.add_row(k, f"{v:,}")
     Console().print(table)
-    out = out or predictions.with_name(predictions.name.removesuffix(".jsonl") + ".metrics.json")
     write_json(out, m)
     typer.echo(f"wrote {out}")
 
@@ -107,7 +107,7 @@ def eval_task(
 def run(
     recipe: Annotated[str, typer.Argument(help="A recipe YAML, or a bundled recipe name (sst2, hdfs-logs, ...).")],
     out: Annotated[Path | None, typer.Option(help="Run folder (default runs/<name>); re-running resumes.")] = None,
-    data: Annotated[Path | None, typer.Option(help="The shared data folder (default ../shared/data).")] = None,
+    data: Annotated[Path | None, typer.Option(help="The source data folder (default $SLMFORGE_DATA, else ../shared/data).")] = None,
     minutes_scale: Annotated[float, typer.Option(help="Multiply every training time budget.")] = 1.0,
     variant: Annotated[list[str] | None, typer.Option(help="Run only this variant (repeatable).")] = None,
 ) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -74,47 +73,13 @@ def corpus_done(path: Path, n: int) -> bool:
     return bool(stats.get("complete")) and stats.get("n") == n
 
 
-def plan_steps(model_cfg, cfg: QuickstartConfig, plan_path: Path) -> int:
-    """Steps that fit the time budget, from a short timing probe; fixed once chosen (plan.json), so a
-    resumed run keeps the same schedule and reproduces the same curve."""
-    if plan_path.is_file():
-        return json.loads(plan_path.read_text())["max_steps"]
-    if cfg.max_steps:
-        steps = cfg.max_steps
-    else:
-        import torch
-
-        from slmforge.model import LlamaModel
-        from slmforge.train.loop import keep_freed_memory
-
-        keep_freed_memory()  # as train() does on CPU; without it the probe overestimates step time
-        model = LlamaModel(model_cfg)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-        x = torch.randint(0, model_cfg.vocab_size, (cfg.batch_size, cfg.seq_len + 1))
-        times = []
-        for _ in range(8):
-            t = time.perf_counter()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-                _, loss = model(x[:, :-1], x[:, 1:])
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            times.append(time.perf_counter() - t)
-        step_s = statistics.median(times[3:]) * 1.05  # first steps warm up; + eval, logging, checkpoints
-        steps = int(cfg.train_minutes * 60 / step_s)
-        steps = max(100, min(steps, 5000))
-        console.print(f"[dim]  timing probe: {step_s:.2f} s/step -> {steps} steps in {cfg.train_minutes:g} min[/dim]")
-    write_json(plan_path, {"max_steps": steps})
-    return steps
-
-
 def quickstart(cfg: QuickstartConfig) -> Path:
     from slmforge.data.pack import pack_tokens, read_index
     from slmforge.infer.engine import SamplingParams, generate_text
     from slmforge.modeldir import ModelDir, update_meta
     from slmforge.tokenizer import Tokenizer, train_tokenizer
-    from slmforge.train.loop import TrainConfig, plot_loss_curve
-    from slmforge.train.pretrain import pretrain
+    from slmforge.train.loop import plot_loss_curve
+    from slmforge.train.pretrain import PretrainConfig, pretrain
 
     t_start = time.time()
     out = Path(cfg.out)
@@ -143,13 +108,13 @@ def quickstart(cfg: QuickstartConfig) -> Path:
 
     t = time.time()
     model_cfg = preset(cfg.preset, vocab_size=tokenizer.vocab_size, max_position_embeddings=cfg.seq_len)
-    max_steps = plan_steps(model_cfg, cfg, out / "plan.json")
-    train_cfg = TrainConfig(max_steps=max_steps, batch_size=cfg.batch_size, seq_len=cfg.seq_len, lr=cfg.lr,
-                            min_lr=cfg.lr / 10, warmup_steps=max(max_steps // 20, 10), precision=cfg.precision,
-                            eval_every=max(max_steps // 10, 1), eval_batches=20, ckpt_every=100, seed=cfg.seed)
+    # No step count given: as many steps as fit in train_minutes, timed by train() itself at the start.
+    train_cfg = PretrainConfig(max_steps=cfg.max_steps or 5000, max_minutes=None if cfg.max_steps else cfg.train_minutes,
+                               batch_size=cfg.batch_size, seq_len=cfg.seq_len, lr=cfg.lr, precision=cfg.precision,
+                               eval_every=100, ckpt_every=100, seed=cfg.seed)
     model_dir = run_dir / "model"
-    if _stage(f"pretraining a {model_cfg.n_params / 1e6:.1f}M-parameter model for {max_steps} steps "
-              f"({max_steps * cfg.batch_size * cfg.seq_len / 1e6:.1f}M tokens)",
+    budget = f"{cfg.max_steps} steps" if cfg.max_steps else f"{cfg.train_minutes:g} minutes"
+    if _stage(f"pretraining a {model_cfg.n_params / 1e6:.1f}M-parameter model for {budget}",
               (model_dir / "model.safetensors").is_file()):
         pretrain(packed, run_dir, model_cfg, tokenizer, train_cfg)
     timings["pretrain_s"] = time.time() - t

@@ -3,7 +3,7 @@
 A recipe (YAML, see slmforge/recipes/*.yaml) chains the stages that turn real task data into a model and
 a report comparing ways of getting there:
 
-    data        task_data.prepare(loader) -> out/data/{train,val,test}.jsonl
+    data        slmforge.data.tasks.prepare(loader) -> out/data/{train,val,test}.jsonl
     tokenizer   a byte-level BPE trained on the task's own training text (in-domain, small vocabulary)
     pretrain    a small Llama pretrained on that same text (no external weights)
     scratch     the same architecture, randomly initialised (the from-scratch baseline)
@@ -15,9 +15,10 @@ a report comparing ways of getting there:
                 out/model: a copy of the variant best on validation
 
 Every stage writes its output atomically and is skipped when that output exists, and training resumes
-from its checkpoint, so an interrupted run picks up where it stopped. Training budgets are minutes: a
-short timing probe turns them into a step count, fixed in plan.json the first time so a resumed run keeps
-the same schedule. `minutes_scale` shrinks (or grows) every budget at once.
+from its checkpoint, so an interrupted run picks up where it stopped. Training budgets are minutes
+(`max_minutes` of the stage's config): train() times its own first steps and fixes the step count in its
+checkpoint, so a resumed run keeps the same schedule. `minutes_scale` shrinks (or grows) every budget at
+once. The recipe's `seed` is every stage's seed.
 """
 
 from __future__ import annotations
@@ -25,39 +26,42 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import statistics
 import time
-import types
-from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Union, get_args, get_origin, get_type_hints
 
-import yaml
+from pydantic import with_config
 from rich.console import Console
 
+from slmforge.data.tasks import describe_overlap, overlap_of, resolve_data_dir
 from slmforge.errors import SlmforgeError
-from slmforge.evaluate.task_data import describe_overlap, overlap_of
 from slmforge.io import atomic_write_text, read_json, read_jsonl, swap_dir_into_place, write_json
+from slmforge.stage_config import STRICT, build, line_of, read_yaml
+from slmforge.train.finetune import FinetuneConfig
+from slmforge.train.pretrain import PretrainConfig
 
 console = Console(stderr=True)
 RECIPE_DIR = Path(__file__).parent / "recipes"
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data"
 INITS = ("scratch", "pretrained")  # or "variant:<name>"
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The recipe file: plain dataclasses, read from YAML with the line of every field kept for error messages
+# The recipe file: plain dataclasses, read from YAML and validated by stage_config.build (file:line errors).
+# A variant's `finetune:` and the recipe's `pretrain:` are the stages' own configs (FinetuneConfig,
+# PretrainConfig): one place for every default, shared with the CLI.
 
 
+@with_config(STRICT)
 @dataclass
 class DataSpec:
-    loader: str  # a task_data loader (sst2, multi30k, ...) or support_chat
+    loader: str  # a slmforge.data.tasks loader: sst2, multi30k, ..., support_chat
     options: dict = field(default_factory=dict)  # passed to the loader
     test: str = "test.jsonl"  # the evaluation file, relative to the prepared data folder: scored once per variant
     val: str = "val.jsonl"  # the file the variant (and every tuned number) is chosen on
+    pretrain_text: list[str] = field(default_factory=lambda: ["train.jsonl"])  # files whose text is the corpus
 
 
+@with_config(STRICT)
 @dataclass
 class ModelSpec:
     preset: str = "3m"
@@ -66,46 +70,7 @@ class ModelSpec:
     overrides: dict = field(default_factory=dict)  # any ModelConfig field: hidden_size, num_hidden_layers, ...
 
 
-@dataclass
-class PretrainSpec:
-    text_from: list[str] = field(default_factory=lambda: ["train.jsonl"])  # data files whose text is the corpus
-    minutes: float = 5.0
-    max_steps: int | None = None
-    max_epochs: float = 50.0  # never more passes than this over the corpus
-    batch_size: int = 32
-    seq_len: int = 128
-    lr: float = 2e-3
-    weight_decay: float = 0.1
-    precision: str = "bf16"
-
-
-@dataclass
-class FinetuneSpec:
-    task: str = "lm"  # lm | chat | classify | tag
-    train: str = "train.jsonl"  # relative to the data folder
-    val: str | None = None  # default: val.jsonl when the loader wrote one, else val_fraction of train
-    mode: str = "full"  # full | lora
-    head: str = "generative"  # classify: generative | classifier
-    labels: list[str] | None = None
-    class_weights: str = "none"  # classify with head classifier: none | balanced
-    select_metric: str = "accuracy"  # classify: the val metric that picks the kept checkpoint
-    minutes: float = 5.0
-    max_steps: int | None = None
-    epochs: float = 3.0  # never more passes than this over the training data
-    batch_size: int = 32
-    seq_len: int = 128
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    eval_every: int = 100
-    patience: int = 0
-    val_fraction: float = 0.05
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-    base_dtype: str = "float32"  # LoRA: float32 or bfloat16 frozen projections
-    precision: str = "bf16"
-
-
+@with_config(STRICT)
 @dataclass
 class PredictSpec:
     mode: str = "generate"  # classify | generate | deeplog | extract
@@ -119,15 +84,19 @@ class PredictSpec:
     labels: list[str] | None = None
 
 
+@with_config(STRICT)
 @dataclass
 class VariantSpec:
     name: str
     init: str = "pretrained"  # scratch | pretrained | variant:<name>
-    finetune: FinetuneSpec | None = None  # None: evaluate the init model as it is
+    finetune: FinetuneConfig | None = None  # None: evaluate the init model as it is
+    train: str = "train.jsonl"  # fine-tuning data, relative to the data folder
+    val: str | None = None  # default: the recipe's data.val when the loader wrote it, else val_fraction of train
     predict: PredictSpec | None = None  # None: the recipe's predict section
     note: str = ""
 
 
+@with_config(STRICT)
 @dataclass
 class EvalSpec:
     task: str  # an evaluate_predictions task: classification, binary, translation, ...
@@ -138,6 +107,7 @@ class EvalSpec:
     tokenize: str | None = None
 
 
+@with_config(STRICT)
 @dataclass
 class Recipe:
     name: str
@@ -148,95 +118,9 @@ class Recipe:
     description: str = ""
     seed: int = 0
     model: ModelSpec | None = None
-    pretrain: PretrainSpec | None = None
+    pretrain: PretrainConfig | None = None  # the stage's own config: the same fields as `slmforge pretrain`
     extras: list[str] = field(default_factory=list)  # hdfs_parse: parse raw HDFS lines, score their sessions
     path: str = ""
-
-
-class _Map(dict):
-    """A YAML mapping that remembers its line and the line of each key."""
-
-    line: int = 0
-    lines: dict
-
-
-class _LineLoader(yaml.SafeLoader):
-    pass
-
-
-def _construct_map(loader: _LineLoader, node: yaml.MappingNode) -> _Map:
-    m = _Map(loader.construct_mapping(node, deep=True))
-    m.line = node.start_mark.line + 1
-    m.lines = {k.value: k.start_mark.line + 1 for k, _ in node.value if isinstance(k, yaml.ScalarNode)}
-    return m
-
-
-_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_map)
-
-
-def _describe(hint) -> str:
-    origin, args = get_origin(hint), get_args(hint)
-    if origin in (Union, types.UnionType):
-        return " or ".join(_describe(a) for a in args if a is not type(None)) + " (or null)"
-    if origin is list:
-        return f"a list of {_describe(args[0])}"
-    if is_dataclass(hint) or hint is dict or origin is dict:
-        return "a mapping"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(hint, str(hint))
-
-
-def _convert(value, hint, where: str, name: str):
-    origin, args = get_origin(hint), get_args(hint)
-    bad = SlmforgeError(f"{where}: field '{name}' must be {_describe(hint)}, got {type(value).__name__}")
-    if origin in (Union, types.UnionType):
-        if value is None:
-            if type(None) in args:
-                return None
-            raise bad
-        return _convert(value, next(a for a in args if a is not type(None)), where, name)
-    if is_dataclass(hint):
-        if not isinstance(value, dict):
-            raise bad
-        return _build(hint, value, where, name + ".")
-    if origin is list:
-        if not isinstance(value, list):
-            raise bad
-        file = where.rsplit(":", 1)[0]
-        return [_convert(v, args[0], f"{file}:{v.line}" if isinstance(v, _Map) else where, f"{name}[{i}]")
-                for i, v in enumerate(value)]
-    if hint is dict or origin is dict:
-        if not isinstance(value, dict):
-            raise bad
-        return dict(value)
-    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if hint is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if hint in (str, bool) and isinstance(value, hint):
-        return value
-    raise bad
-
-
-def _build(cls, m: dict, where: str, prefix: str = ""):
-    """cls from mapping m, every field type-checked; errors name file:line and the dotted field."""
-    file = where.rsplit(":", 1)[0]
-    hints = get_type_hints(cls)
-    names = {f.name for f in fields(cls)}
-    lines = getattr(m, "lines", {})
-    for key in m:
-        if key not in names or key == "path":
-            raise SlmforgeError(f"{file}:{lines.get(key, getattr(m, 'line', '?'))}: unknown field "
-                                f"'{prefix}{key}' (one of {', '.join(sorted(names - {'path'}))})")
-    kwargs = {}
-    for f in fields(cls):
-        if f.name in m:
-            at = f"{file}:{lines.get(f.name, getattr(m, 'line', '?'))}"
-            kwargs[f.name] = _convert(m[f.name], hints[f.name], at, prefix + f.name)
-    missing = [f.name for f in fields(cls) if f.name not in kwargs and f.name != "path"
-               and f.default is MISSING and f.default_factory is MISSING]
-    if missing:
-        raise SlmforgeError(f"{file}:{getattr(m, 'line', '?')}: missing field '{prefix}{missing[0]}'")
-    return cls(**kwargs)
 
 
 def find_recipe(name_or_path: str | Path) -> Path:
@@ -254,20 +138,17 @@ def find_recipe(name_or_path: str | Path) -> Path:
 def load_recipe(name_or_path: str | Path) -> Recipe:
     """Read and check a recipe; any problem is one error naming file:line and the field."""
     from slmforge.config import PRESET_NAMES
-    from slmforge.evaluate.task_data import LOADERS
+    from slmforge.data.tasks import LOADERS
     from slmforge.evaluate.tasks import TASKS as EVAL_TASKS
     from slmforge.infer.predict import MODES
 
     path = find_recipe(name_or_path)
-    try:
-        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_LineLoader)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark else ""
-        raise SlmforgeError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', None) or e})") from None
+    raw = read_yaml(path)
     if not isinstance(raw, dict):
         raise SlmforgeError(f"{path}:1: a recipe is a mapping (name, data, variants, predict, eval, ...)")
-    recipe = _build(Recipe, raw, f"{path}:{getattr(raw, 'line', 1)}")
+    if "path" in raw:
+        raise SlmforgeError(f"{path}:{line_of(raw, ('path',))}: field 'path': unknown field")
+    recipe = build(Recipe, raw, path)
     recipe.path = str(path)
 
     def line(m, key: str) -> str:
@@ -277,8 +158,8 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
         if not ok:
             raise SlmforgeError(f"{line(m, key)}: field '{key}': {msg}")
 
-    check(recipe.data.loader in (*LOADERS, "support_chat"), raw["data"], "loader",
-          f"unknown loader {recipe.data.loader!r} (one of {', '.join((*LOADERS, 'support_chat'))})")
+    check(recipe.data.loader in LOADERS, raw["data"], "loader",
+          f"unknown loader {recipe.data.loader!r} (one of {', '.join(LOADERS)})")
     def check_predict(p: PredictSpec, m) -> None:
         check(p.mode in MODES, m, "mode", f"one of {', '.join(MODES)}")
         check(p.top_k > 0, m, "top_k", "must be > 0")
@@ -301,13 +182,8 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
             check(recipe.model is not None, m, "init", f"{v.init!r} needs a 'model' section")
             check(v.init != "pretrained" or recipe.pretrain is not None, m, "init",
                   "'pretrained' needs a 'pretrain' section")
-        if v.finetune:
-            fm = m["finetune"]
-            try:  # the fine-tuning config checks itself: task, mode, head, class weights, LoRA...
-                _finetune_config(v.finetune, v.finetune.val_fraction)
-            except SlmforgeError as e:
-                raise SlmforgeError(f"{path}:{getattr(fm, 'line', 1)}: variant {v.name}: {e}") from None
-            check(v.finetune.minutes > 0 and v.finetune.epochs > 0, fm, "minutes", "minutes and epochs must be > 0")
+        check(v.finetune is not None or (v.train == "train.jsonl" and v.val is None), m, "train",
+              "train and val are the fine-tuning data: the variant needs a finetune section")
         if v.predict:
             check_predict(v.predict, m["predict"])
         if v.finetune:  # a tagger extracts, and only a tagger can
@@ -318,7 +194,9 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
         seen.add(v.name)
     if recipe.pretrain:
         check(recipe.model is not None, raw, "pretrain", "needs a 'model' section")
-        check(recipe.pretrain.minutes > 0, raw["pretrain"], "minutes", "must be > 0")
+    for section in [raw.get("pretrain")] + [v.get("finetune") for v in raw["variants"]]:
+        check(not isinstance(section, dict) or "seed" not in section, section or raw, "seed",
+              "the recipe's top-level seed is every stage's seed")
     for extra in recipe.extras:
         check(extra in ("hdfs_parse",), raw, "extras", f"unknown extra {extra!r} (hdfs_parse)")
     return recipe
@@ -333,13 +211,6 @@ def _stage(name: str, done: bool) -> bool:
     return not done
 
 
-def resolve_data_dir(data_dir: str | Path | None) -> Path:
-    p = Path(data_dir) if data_dir else DEFAULT_DATA
-    if not p.is_dir():
-        raise SlmforgeError(f"{p}: data folder not found (the folder of shared/data/SOURCES.md); pass --data DIR")
-    return p
-
-
 def record_text(rec: dict) -> str:
     """The text of a task row, for in-domain pretraining: the input and, for generation, the answer."""
     if isinstance(rec.get("text"), str):
@@ -349,43 +220,6 @@ def record_text(rec: dict) -> str:
     if isinstance(rec.get("messages"), list):
         return "\n".join(str(m.get("content", "")) for m in rec["messages"] if isinstance(m, dict))
     return ""
-
-
-def _probe_seconds(model, loss_fn, batch, precision: str, n: int = 12) -> float:
-    """Seconds of a training step (forward, backward, AdamW) on this batch, after warm-up steps."""
-    import torch
-
-    from slmforge.train.loop import keep_freed_memory
-
-    keep_freed_memory()  # as train() does on CPU; without it the probe overestimates step time
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-9)
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            loss = loss_fn(model, batch)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - t)
-    # The lower quartile after warm-up: a step's own cost. The median goes up by several times when another
-    # job takes the cores for a moment, and a budget planned on that would train far too few steps.
-    return statistics.quantiles(times[2:], n=4)[0]
-
-
-def _plan(path: Path, make) -> dict:
-    """The step plan of a training stage: made once, then read back (a resumed run keeps its schedule)."""
-    if path.is_file():
-        return read_json(path)
-    plan = make()
-    write_json(path, plan)
-    return plan
-
-
-def _steps_for(minutes: float, step_s: float, cap: float, max_steps: int | None) -> int:
-    by_time = minutes * 60 / (step_s * 1.1)  # + logging, checkpoints
-    return max(1, int(min(by_time, cap, max_steps or math.inf)))
 
 
 def _train_tokenizer(texts: list[str], vocab_size: int, out: Path) -> None:
@@ -398,15 +232,15 @@ def _train_tokenizer(texts: list[str], vocab_size: int, out: Path) -> None:
     swap_dir_into_place(staging, out)
 
 
-def _pretrain(recipe: Recipe, run: Path, data: Path, scale: float) -> dict:
-    """Corpus from the task's training text -> packed tokens -> pretrain (budgeted)."""
-    import torch
+def _budget(minutes: float | None, scale: float) -> float | None:
+    return minutes * scale if minutes is not None else None
 
+
+def _pretrain(recipe: Recipe, run: Path, data: Path, scale: float) -> dict:
+    """Corpus from the task's training text -> packed tokens -> pretrain (train() fits the time budget)."""
     from slmforge.config import preset
     from slmforge.data.pack import pack_tokens, read_index
-    from slmforge.model import LlamaModel
     from slmforge.tokenizer import Tokenizer
-    from slmforge.train.loop import TrainConfig
     from slmforge.train.pretrain import pretrain
 
     spec, mspec = recipe.pretrain, recipe.model
@@ -416,28 +250,14 @@ def _pretrain(recipe: Recipe, run: Path, data: Path, scale: float) -> dict:
         pack_tokens([corpus], tok, packed, val_fraction=0.02, seed=recipe.seed, progress=False)
     index = read_index(packed)
     cfg = preset(mspec.preset, vocab_size=tok.vocab_size, max_position_embeddings=mspec.context, **mspec.overrides)
-    seq_len = min(spec.seq_len, mspec.context)
-
-    def make_plan() -> dict:
-        model = LlamaModel(cfg)
-        x = torch.randint(0, tok.vocab_size, (spec.batch_size, seq_len + 1))
-        step_s = _probe_seconds(model, lambda m, b: m(b[:, :-1], b[:, 1:])[1], x, spec.precision)
-        cap = spec.max_epochs * index["splits"]["train"]["tokens"] / (spec.batch_size * seq_len)
-        steps = _steps_for(spec.minutes * scale, step_s, cap, spec.max_steps)
-        return {"max_steps": steps, "probe_step_s": round(step_s, 4), "minutes": spec.minutes * scale}
-
-    plan = _plan(run / "pretrain_plan.json", make_plan)
-    steps = plan["max_steps"]
-    if _stage(f"pretrain {cfg.n_params / 1e6:.2f}M params for {steps} steps "
-              f"({steps * spec.batch_size * seq_len / 1e6:.1f}M tokens, corpus "
-              f"{index['splits']['train']['tokens'] / 1e6:.2f}M)", (out / "model" / "model.safetensors").is_file()):
-        tcfg = TrainConfig(max_steps=steps, batch_size=spec.batch_size, seq_len=seq_len, lr=spec.lr,
-                           min_lr=spec.lr / 10, warmup_steps=max(steps // 20, 1), weight_decay=spec.weight_decay,
-                           precision=spec.precision, eval_every=max(steps // 5, 1), eval_batches=10,
-                           ckpt_every=max(steps // 5, 1), seed=recipe.seed, log_every=max(1, min(50, steps // 10)))
-        pretrain(packed, out, cfg, tok, tcfg)
+    pcfg = replace(spec, seq_len=min(spec.seq_len, mspec.context), seed=recipe.seed,
+                   max_minutes=_budget(spec.max_minutes, scale))
+    budget = f"{pcfg.max_minutes:g} min, " if pcfg.max_minutes else ""
+    if _stage(f"pretrain {cfg.n_params / 1e6:.2f}M params ({budget}at most {pcfg.max_steps} steps; corpus "
+              f"{index['splits']['train']['tokens'] / 1e6:.2f}M tokens)", (out / "model" / "model.safetensors").is_file()):
+        pretrain(packed, out, cfg, tok, pcfg)
     meta = read_json(out / "model" / "slmforge.json")
-    return {"params": cfg.n_params, "steps": steps, "corpus_tokens": index["splits"]["train"]["tokens"],
+    return {"params": cfg.n_params, "corpus_tokens": index["splits"]["train"]["tokens"],
             "corpus_documents": index["splits"]["train"]["documents"], **meta.get("metrics", {})}
 
 
@@ -458,59 +278,19 @@ def _scratch_model(recipe: Recipe, run: Path) -> Path:
     return out
 
 
-def _finetune_config(s: FinetuneSpec, val_fraction: float):
-    from slmforge.train.finetune import FinetuneConfig
-
-    return FinetuneConfig(task=s.task, mode=s.mode, head=s.head, labels=s.labels, class_weights=s.class_weights,
-                          select_metric=s.select_metric, base_dtype=s.base_dtype, lora_r=s.lora_r,
-                          lora_alpha=s.lora_alpha, lora_targets=s.lora_targets, val_fraction=val_fraction,
-                          merge=s.mode == "lora")
-
-
 def _finetune(recipe: Recipe, v: VariantSpec, init: Path, data: Path, out: Path, scale: float) -> dict:
-    import numpy as np
-
     from slmforge.modeldir import ModelDir
-    from slmforge.train import finetune as ft
-    from slmforge.train.loop import TrainConfig
+    from slmforge.train.finetune import finetune
 
     s = v.finetune
-    train_path = data / s.train
-    val_path = data / s.val if s.val else (data / "val.jsonl" if (data / "val.jsonl").is_file() else None)
-    if s.val and not val_path.is_file():
+    train_path = data / v.train
+    val_path = data / v.val if v.val else (data / recipe.data.val if (data / recipe.data.val).is_file() else None)
+    if v.val and not val_path.is_file():
         raise SlmforgeError(f"{recipe.path}: variant {v.name}: val file {val_path} not found")
-    md = ModelDir.open(init)
-    seq_len = min(s.seq_len, md.config.max_position_embeddings - 1)
-    cfg = _finetune_config(s, 0.0 if val_path else s.val_fraction)
-
-    def make_plan() -> dict:
-        import torch
-
-        recs = ft.read_records(train_path)
-        n_train = len(recs) * (1 if val_path else 1 - s.val_fraction)
-        tok = md.load_tokenizer()
-        labels = ft.label_set(recs, s.labels) if s.task == "classify" else None
-        rng = np.random.default_rng(recipe.seed)
-        sample = [recs[i] for i in rng.choice(len(recs), min(len(recs), s.batch_size), replace=False)]
-        batch = ft.make_batch(ft.encode_records(sample, tok, cfg, seq_len, labels), ft.pad_id_of(tok), cfg)
-        torch.manual_seed(recipe.seed)
-        _, model = ft.trainable_model(md.load_model().train(), cfg, labels, s.precision)
-        step_s = _probe_seconds(model, ft.loss_fn_of(cfg), batch, s.precision)
-        steps = _steps_for(s.minutes * scale, step_s * 1.15,  # + evaluations on val
-                           s.epochs * n_train / s.batch_size, s.max_steps)
-        return {"max_steps": steps, "probe_step_s": round(step_s, 4), "minutes": s.minutes * scale,
-                "epochs": round(steps * s.batch_size / max(n_train, 1), 2)}
-
-    plan = _plan(out / "plan.json", make_plan)
-    steps = plan["max_steps"]
-    best = cfg.best_metric
-    tcfg = TrainConfig(max_steps=steps, batch_size=s.batch_size, seq_len=seq_len, lr=s.lr, min_lr=s.lr / 10,
-                       warmup_steps=max(steps // 20, 1), weight_decay=s.weight_decay, precision=s.precision,
-                       eval_every=min(s.eval_every, steps), ckpt_every=min(max(s.eval_every, 50), steps),
-                       patience=s.patience, best_metric=best[0], best_mode=best[1], seed=recipe.seed,
-                       log_every=max(1, min(25, steps // 10)))
-    summary = ft.finetune(init, train_path, out, cfg, tcfg, val_path=val_path)
-    return summary
+    context = ModelDir.open(init).config.max_position_embeddings
+    cfg = replace(s, seq_len=min(s.seq_len, context - 1), seed=recipe.seed, max_minutes=_budget(s.max_minutes, scale),
+                  merge=s.merge or s.mode == "lora")  # the recipe predicts with the merged model
+    return finetune(init, train_path, out, cfg, val_path=val_path)
 
 
 def _variant_row(recipe: Recipe, v: VariantSpec, vdir: Path, pre: dict | None, rows: dict) -> dict:
@@ -556,7 +336,7 @@ def _copy_dir(src: Path, out: Path) -> None:
 def _hdfs_parse(data_dir: Path, best_model: Path, recipe: Recipe, run: Path) -> dict:
     """Raw HDFS lines -> event templates (agreement with loghub's parse), and the sessions of those raw
     lines scored by the best model (no labels exist for them: the share flagged is reported)."""
-    from slmforge.evaluate.task_data import hdfs_parse_agreement, hdfs_sessions_from_log
+    from slmforge.data.tasks import hdfs_parse_agreement, hdfs_sessions_from_log
     from slmforge.infer.predict import deeplog_scores
 
     agreement = hdfs_parse_agreement(data_dir)
@@ -610,7 +390,7 @@ def _peak_rss_mib() -> float:
 def run_recipe(recipe_path: str | Path, out: str | Path | None = None, data_dir: str | Path | None = None,
                minutes_scale: float = 1.0, variants: list[str] | None = None) -> dict:
     """Run (or resume) a recipe; returns the report (also out/report.json and out/report.md)."""
-    from slmforge.evaluate.task_data import prepare
+    from slmforge.data.tasks import prepare
     from slmforge.evaluate.tasks import evaluate_predictions
     from slmforge.infer.predict import predict_file
 
@@ -639,12 +419,8 @@ def run_recipe(recipe_path: str | Path, out: str | Path | None = None, data_dir:
 
     t, was_done = time.time(), (run / "data.json").is_file()
     if _stage(f"task data ({recipe.data.loader})", was_done):
-        if recipe.data.loader == "support_chat":
-            from slmforge.data.supportgen import prepare_support_chat
-
-            stats = prepare_support_chat(data, seed=recipe.seed, **recipe.data.options)
-        else:
-            stats = prepare(recipe.data.loader, resolve_data_dir(data_dir), data, recipe.seed, **recipe.data.options)
+        source = resolve_data_dir(data_dir) if recipe.data.loader != "support_chat" else None  # generated data
+        stats = prepare(recipe.data.loader, source, data, recipe.seed, **recipe.data.options)
         write_json(run / "data.json", stats)
     data_stats = read_json(run / "data.json")
     test_path = data / recipe.data.test
@@ -660,7 +436,7 @@ def run_recipe(recipe_path: str | Path, out: str | Path | None = None, data_dir:
     if recipe.model:
         t, was_done = time.time(), (run / "tokenizer" / "tokenizer.json").is_file()
         if _stage(f"in-domain tokenizer ({recipe.model.vocab_size} tokens)", was_done):
-            files = recipe.pretrain.text_from if recipe.pretrain else ["train.jsonl"]
+            files = recipe.data.pretrain_text
             texts = [record_text(rec) for f in files for _, rec in _records(data / f)]
             write_json(run / "pretrain_corpus.jsonl.meta", {"files": files, "documents": len(texts)})
             atomic_write_text(run / "pretrain_corpus.jsonl",
@@ -763,7 +539,7 @@ def run_recipe(recipe_path: str | Path, out: str | Path | None = None, data_dir:
 
 
 def _records(path: Path):
-    from slmforge.train.finetune import read_records
+    from slmforge.train.rows import read_records
 
     return read_records(path)
 

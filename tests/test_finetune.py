@@ -6,22 +6,26 @@ from __future__ import annotations
 import json
 import random
 import signal
+from dataclasses import replace
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
 import slmforge.train.finetune as ft
+import slmforge.train.heads as ft_heads
+import slmforge.train.rows as ft_rows
 from conftest import TINY_LLAMA, save_tiny_llama
 from slmforge.config import ModelConfig
 from slmforge.errors import SlmforgeError
 from slmforge.model import LlamaModel
 from slmforge.modeldir import ModelDir
-from slmforge.train.finetune import FinetuneConfig, finetune, merge_lora, predict_labels
+from slmforge.train.finetune import FinetuneConfig, finetune
+from slmforge.train.heads import merge_lora, predict_labels
 from slmforge.train.loop import TrainConfig, TrainingInterrupted, read_metrics, train
 
 TINY = TINY_LLAMA
-FAST = dict(batch_size=16, seq_len=32, lr=3e-3, min_lr=3e-4, warmup_steps=5, threads=1, progress=False,
+FAST = dict(batch_size=16, seq_len=32, lr=3e-3, min_lr=3e-4, warmup_fraction=0.1, threads=1, progress=False,
             log_every=5, ckpt_every=0)
 
 
@@ -58,7 +62,7 @@ def _lm_rows(n, seed=0):
 
 def test_masks_cover_exactly_the_answer(base_dir):
     tok = ModelDir.open(base_dir).load_tokenizer()
-    lm = ft.encode_records([("f:1", {"prompt": "Tom saw the", "completion": " big boat."})], tok,
+    lm = ft_rows.encode_records([("f:1", {"prompt": "Tom saw the", "completion": " big boat."})], tok,
                            FinetuneConfig(task="lm"), seq_len=32)[0]
     answer_ids = [i for i, a in zip(lm.ids, lm.answer, strict=True) if a]
     assert answer_ids == tok.encode(" big boat.") + [tok.eos_id]
@@ -67,7 +71,7 @@ def test_masks_cover_exactly_the_answer(base_dir):
     msgs = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"},
             {"role": "assistant", "content": "Hello there."}, {"role": "user", "content": "Bye"},
             {"role": "assistant", "content": "See you."}]
-    chat = ft.encode_records([("f:2", {"messages": msgs})], tok, FinetuneConfig(task="chat"), seq_len=64)[0]
+    chat = ft_rows.encode_records([("f:2", {"messages": msgs})], tok, FinetuneConfig(task="chat"), seq_len=64)[0]
     assert chat.ids == tok.encode(tok.apply_chat_template(msgs, add_generation_prompt=False))
     runs, cur = [], []
     for i, a in zip(chat.ids, chat.answer, strict=True):
@@ -79,13 +83,13 @@ def test_masks_cover_exactly_the_answer(base_dir):
     assert [tok.decode(r, skip_special=False) for r in runs] == ["Hello there.<|end|>\n", "See you.<|end|>\n"]
 
     # The batch's targets are exactly the answer tokens, shifted by one.
-    batch = ft.collate([lm, chat], pad_id=0, classifier=False)
+    batch = ft_rows.collate([lm, chat], pad_id=0, classifier=False)
     for row, ex in enumerate([lm, chat]):
         kept = batch["y"][row][batch["y"][row] != -100].tolist()
         assert kept == [i for i, a in zip(ex.ids[1:], ex.answer[1:], strict=True) if a]
 
     # Truncation drops the prompt's start and keeps the whole answer.
-    long = ft.encode_records([("f:3", {"prompt": "Tom saw the ball. " * 20, "completion": " big boat."})], tok,
+    long = ft_rows.encode_records([("f:3", {"prompt": "Tom saw the ball. " * 20, "completion": " big boat."})], tok,
                              FinetuneConfig(task="lm"), seq_len=16)[0]
     assert len(long.ids) == 17 and [i for i, a in zip(long.ids, long.answer, strict=True) if a] == answer_ids
 
@@ -96,12 +100,11 @@ def test_masks_cover_exactly_the_answer(base_dir):
 def test_classifier_head_learns_saves_and_predicts(tmp_path, base_dir):
     train_f = _jsonl(tmp_path / "train.jsonl", _classify_rows(300))
     val_f = _jsonl(tmp_path / "val.jsonl", _classify_rows(60, seed=1))
-    s = finetune(base_dir, train_f, tmp_path / "run", FinetuneConfig(task="classify", head="classifier"),
-                 TrainConfig(max_steps=40, eval_every=20, **FAST), val_path=val_f)
+    s = finetune(base_dir, train_f, tmp_path / "run", FinetuneConfig(task="classify", head="classifier", max_steps=40, eval_every=20, **FAST), val_path=val_f)
     assert s["metrics"]["val_accuracy"] > 0.9  # chance is 0.5
     model_dir = tmp_path / "run" / "model"
     meta = ModelDir.open(model_dir).meta
-    assert meta["classifier"]["labels"] == ["cat", "dog"] and (model_dir / ft.HEAD_FILE).is_file()
+    assert meta["classifier"]["labels"] == ["cat", "dog"] and (model_dir / ft_heads.HEAD_FILE).is_file()
     assert meta["parent"]["path"] == str(base_dir.resolve()) and len(meta["data"]["train_sha256"]) == 16
     rows = _classify_rows(20, seed=2)
     preds = predict_labels(model_dir, [r["text"] for r in rows])
@@ -111,12 +114,12 @@ def test_classifier_head_learns_saves_and_predicts(tmp_path, base_dir):
 def test_balanced_class_weights_and_macro_f1_selection(tmp_path, base_dir):
     from slmforge.evaluate.tasks import classification_metrics
 
-    exs = [ft.Example([1], [False], label=lab) for lab in [0, 0, 0, 1]]
-    assert torch.allclose(ft.balanced_class_weights(exs, 3), torch.tensor([4 / 6, 2.0, 0.0]))
+    exs = [ft_rows.Example([1], [False], label=lab) for lab in [0, 0, 0, 1]]
+    assert torch.allclose(ft_heads.balanced_class_weights(exs, 3), torch.tensor([4 / 6, 2.0, 0.0]))
     gen = torch.Generator().manual_seed(0)
     pred, gold = torch.randint(0, 3, (200,), generator=gen), torch.randint(0, 3, (200,), generator=gen)
     ref = classification_metrics([str(x) for x in gold.tolist()], [str(x) for x in pred.tolist()], ["0", "1", "2"])
-    assert ft.macro_f1(pred, gold, 3) == pytest.approx(ref["macro_f1"] / 100)
+    assert ft_heads.macro_f1(pred, gold, 3) == pytest.approx(ref["macro_f1"] / 100)
     with pytest.raises(SlmforgeError, match="class_weights balanced needs"):
         FinetuneConfig(task="classify", head="generative", class_weights="balanced")
 
@@ -126,16 +129,14 @@ def test_balanced_class_weights_and_macro_f1_selection(tmp_path, base_dir):
     random.Random(0).shuffle(rows)
     val_f = _jsonl(tmp_path / "val.jsonl", _classify_rows(60, seed=1))
     cfg = FinetuneConfig(task="classify", head="classifier", class_weights="balanced", select_metric="macro_f1")
-    s = finetune(base_dir, _jsonl(tmp_path / "train.jsonl", rows), tmp_path / "run", cfg,
-                 TrainConfig(max_steps=40, eval_every=20, **FAST), val_path=val_f)
+    s = finetune(base_dir, _jsonl(tmp_path / "train.jsonl", rows), tmp_path / "run", replace(cfg, max_steps=40, eval_every=20, **FAST), val_path=val_f)
     assert s["metrics"]["val_macro_f1"] > 0.85
     assert json.loads((tmp_path / "run" / "finetune.json").read_text())["train"]["best_metric"] == "val_macro_f1"
 
 
 def test_lm_finetune_loss_drops(tmp_path, base_dir):
     train_f = _jsonl(tmp_path / "train.jsonl", _lm_rows(200))
-    s = finetune(base_dir, train_f, tmp_path / "run", FinetuneConfig(task="lm"),
-                 TrainConfig(max_steps=80, eval_every=40, **FAST))
+    s = finetune(base_dir, train_f, tmp_path / "run", FinetuneConfig(task="lm", max_steps=80, eval_every=40, **FAST))
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert rows[-1]["loss"] < rows[0]["loss"] - 1.5
     assert s["metrics"]["val_loss"] < 1.5 and s["data"]["val_examples"] == 20
@@ -148,7 +149,7 @@ def test_lora_trains_only_adapters_and_merges(tmp_path, base_dir):
     train_f = _jsonl(tmp_path / "train.jsonl", _lm_rows(120))
     cfg = FinetuneConfig(task="lm", mode="lora", lora_r=4, lora_alpha=8, lora_dropout=0.0,
                          lora_targets=["q_proj", "v_proj", "down_proj"], merge=True)
-    s = finetune(base_dir, train_f, tmp_path / "run", cfg, TrainConfig(max_steps=15, eval_every=0, **FAST))
+    s = finetune(base_dir, train_f, tmp_path / "run", replace(cfg, max_steps=15, eval_every=0, **FAST))
     c = ModelConfig(**TINY)
     kv = c.num_key_value_heads * c.head_dim
     per_layer = 4 * (c.hidden_size + c.hidden_size) + 4 * (c.hidden_size + kv) + 4 * (c.intermediate_size + c.hidden_size)
@@ -190,7 +191,7 @@ def test_lora_with_bf16_base_matches_fp32_base_under_autocast(tmp_path, base_dir
     for dtype in ("float32", "bfloat16"):
         cfg = FinetuneConfig(task="lm", mode="lora", lora_r=4, lora_alpha=8, lora_dropout=0.0,
                              lora_targets=["q_proj", "v_proj", "down_proj"], merge=True, base_dtype=dtype)
-        finetune(base_dir, train_f, tmp_path / dtype, cfg, TrainConfig(max_steps=30, eval_every=0, **FAST))
+        finetune(base_dir, train_f, tmp_path / dtype, replace(cfg, max_steps=30, eval_every=0, **FAST))
         runs[dtype] = [r["loss"] for r in read_metrics(tmp_path / dtype / "metrics.jsonl") if "loss" in r]
     assert runs["bfloat16"][-1] < runs["bfloat16"][0] - 0.05, runs
     assert max(abs(a - b) for a, b in zip(runs["float32"], runs["bfloat16"], strict=True)) < 2e-3
@@ -206,15 +207,13 @@ def test_lora_with_bf16_base_matches_fp32_base_under_autocast(tmp_path, base_dir
     with pytest.raises(SlmforgeError, match="base_dtype bfloat16 is for mode lora"):
         FinetuneConfig(base_dtype="bfloat16")
     with pytest.raises(SlmforgeError, match="needs precision bf16"):
-        finetune(base_dir, train_f, tmp_path / "fp32", FinetuneConfig(mode="lora", base_dtype="bfloat16"),
-                 TrainConfig(max_steps=2, eval_every=0, **{**FAST, "precision": "fp32"}))
+        finetune(base_dir, train_f, tmp_path / "fp32", FinetuneConfig(mode="lora", base_dtype="bfloat16", max_steps=2, eval_every=0, **{**FAST, "precision": "fp32"}))
 
 
 def test_lora_targets_must_exist(tmp_path, base_dir):
     train_f = _jsonl(tmp_path / "train.jsonl", _lm_rows(20))
     with pytest.raises(SlmforgeError, match="qkv_proj"):
-        finetune(base_dir, train_f, tmp_path / "run", FinetuneConfig(mode="lora", lora_targets=["qkv_proj"]),
-                 TrainConfig(max_steps=2, **FAST))
+        finetune(base_dir, train_f, tmp_path / "run", FinetuneConfig(mode="lora", lora_targets=["qkv_proj"], max_steps=2, **FAST))
 
 
 # --------------------------------------------------------------------------------------- early stopping
@@ -257,7 +256,7 @@ def test_bad_task_data_names_file_and_line(tmp_path, base_dir):
             v = tmp_path / "val.jsonl"
             v.write_text(val_rows)
         with pytest.raises(SlmforgeError) as e:
-            finetune(base_dir, f, tmp_path / "run", FinetuneConfig(task=task), TrainConfig(max_steps=1, **FAST),
+            finetune(base_dir, f, tmp_path / "run", FinetuneConfig(task=task, max_steps=1, **FAST),
                      val_path=v)
         return str(e.value)
 
@@ -283,7 +282,7 @@ def test_resume_after_interrupt_reproduces_losses(tmp_path, base_dir, monkeypatc
     train_f = _jsonl(tmp_path / "train.jsonl", _lm_rows(100))
     cfg = FinetuneConfig(task="lm", mode="lora", lora_dropout=0.1)  # dropout: the RNG state must resume too
     tcfg = dict(max_steps=12, eval_every=4, **{**FAST, "log_every": 1, "batch_size": 8})
-    ref = finetune(base_dir, train_f, tmp_path / "ref", cfg, TrainConfig(**tcfg))
+    ref = finetune(base_dir, train_f, tmp_path / "ref", replace(cfg, **tcfg))
     real = ft.batch_indices
 
     def interrupting(i, *a):
@@ -293,9 +292,9 @@ def test_resume_after_interrupt_reproduces_losses(tmp_path, base_dir, monkeypatc
 
     monkeypatch.setattr(ft, "batch_indices", interrupting)
     with pytest.raises(TrainingInterrupted):
-        finetune(base_dir, train_f, tmp_path / "run", cfg, TrainConfig(**tcfg))
+        finetune(base_dir, train_f, tmp_path / "run", replace(cfg, **tcfg))
     monkeypatch.setattr(ft, "batch_indices", real)
-    again = finetune(base_dir, train_f, tmp_path / "run", cfg, TrainConfig(**tcfg))
+    again = finetune(base_dir, train_f, tmp_path / "run", replace(cfg, **tcfg))
     losses = [r["loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")]
     assert losses == [r["loss"] for r in read_metrics(tmp_path / "ref" / "metrics.jsonl")] and len(losses) == 12
     assert again["metrics"]["val_loss"] == ref["metrics"]["val_loss"]
@@ -314,11 +313,11 @@ def test_cli_finetune_lora_classify_and_merge(tmp_path, base_dir):
                                  "--steps", "10", "--lr", "3e-3", "--seq-len", "32", "--eval-every", "5",
                                  "--precision", "fp32"])
     assert r.exit_code == 0, r.output
-    assert "trainable params" in r.output and (tmp_path / "run" / "adapter" / ft.HEAD_FILE).is_file()
+    assert "trainable params" in r.output and (tmp_path / "run" / "adapter" / ft_heads.HEAD_FILE).is_file()
     r = CliRunner().invoke(app, ["merge-lora", str(base_dir), str(tmp_path / "run" / "adapter"),
                                  str(tmp_path / "merged")])
     assert r.exit_code == 0, r.output
-    assert (tmp_path / "merged" / ft.HEAD_FILE).is_file()
+    assert (tmp_path / "merged" / ft_heads.HEAD_FILE).is_file()
     assert len(predict_labels(tmp_path / "merged", ["Tom saw the cat ."])) == 1
     r = CliRunner().invoke(app, ["finetune", "--model", str(base_dir), "--data", str(tmp_path / "nope.jsonl"),
                                  "--out", str(tmp_path / "x")])

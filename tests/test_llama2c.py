@@ -71,7 +71,7 @@ TRICKY = ["", " ", "  ", "a", " leading", "trailing ", "two\n\nlines\n", "tab\th
 
 def test_tokenizer_matches_runc():
     need(TOK_BIN, VALID)
-    from slmforge.llama2c import read_llama2c_tokenizer
+    from slmforge.convert.llama2c import read_llama2c_tokenizer
 
     tok = read_llama2c_tokenizer(TOK_BIN)
     pieces, scores = read_tokenizer_bin(TOK_BIN)
@@ -86,7 +86,7 @@ def test_tokenizer_matches_runc():
 
 def test_tokenizer_bad_input(tmp_path):
     need(TOK_BIN)
-    from slmforge.llama2c import read_llama2c_tokenizer
+    from slmforge.convert.llama2c import read_llama2c_tokenizer
 
     with pytest.raises(SlmforgeError, match="no such"):
         read_llama2c_tokenizer(tmp_path / "missing.bin")
@@ -152,7 +152,7 @@ def ref_forward(p: dict, w: dict, idx: torch.Tensor) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def imported(tmp_path_factory) -> Path:
     need(MODEL_BIN, TOK_BIN)
-    from slmforge.llama2c import import_llama2c
+    from slmforge.convert.llama2c import import_llama2c
 
     return import_llama2c(MODEL_BIN, TOK_BIN, tmp_path_factory.mktemp("l2c") / "stories260K")
 
@@ -212,7 +212,7 @@ def write_v1(path: Path, cls: torch.Tensor | None = None) -> None:
 
 def test_version1_and_unshared_classifier(tmp_path):
     need(MODEL_BIN)
-    from slmforge.llama2c import read_llama2c_checkpoint
+    from slmforge.convert.llama2c import read_llama2c_checkpoint
 
     cfg0, sd0 = read_llama2c_checkpoint(MODEL_BIN)
     assert cfg0.tie_word_embeddings and cfg0.vocab_size == 512 and cfg0.num_key_value_heads == 4
@@ -235,7 +235,7 @@ def test_version1_and_unshared_classifier(tmp_path):
 
 def test_bad_checkpoints(tmp_path):
     need(MODEL_BIN, TOK_BIN)
-    from slmforge.llama2c import import_llama2c, read_llama2c_checkpoint
+    from slmforge.convert.llama2c import import_llama2c, read_llama2c_checkpoint
 
     data = MODEL_BIN.read_bytes()
     cut = tmp_path / "cut.bin"

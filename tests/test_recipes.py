@@ -53,7 +53,7 @@ def _recipe(tmp_path, text):
 MINI_SST2 = f"""name: mini-sst2
 description: a miniature sst2 recipe for tests
 data: {{loader: sst2, options: {{n_test: 10, n_val: 10}}}}
-{TINY_MODEL}pretrain: {{minutes: 5, max_steps: 3, batch_size: 4, seq_len: 32}}
+{TINY_MODEL}pretrain: {{max_minutes: 5, max_steps: 3, batch_size: 4, seq_len: 32}}
 variants:
   - name: scratch
     init: scratch
@@ -121,7 +121,7 @@ def test_mini_keyphrase_recipe_with_a_tagger_variant(tmp_path):
     data = _inspec_like(tmp_path / "shared")
     recipe = _recipe(tmp_path, f"""name: mini-inspec
 data: {{loader: inspec, options: {{n_test: 6, n_val: 4}}}}
-{TINY_MODEL}pretrain: {{minutes: 5, max_steps: 3, batch_size: 4, seq_len: 32}}
+{TINY_MODEL}pretrain: {{max_minutes: 5, max_steps: 3, batch_size: 4, seq_len: 32}}
 variants:
   - name: scratch
     init: scratch
@@ -149,17 +149,17 @@ eval: {{task: keyphrase, metric: macro_f1@5}}
 @pytest.mark.parametrize("text, message", [
     ("name: x\ndata: {loader: sst2\n", r"mini.yaml:\d: invalid YAML"),
     ("name: x\ndata: {loader: sst2}\nvariants: []\npredict: {mode: classify}\neval: {task: classification,"
-     " metric: accuracy}\nbogus: 1\n", r"mini.yaml:6: unknown field 'bogus'"),
-    ("name: x\ndata: {loader: sst2}\nvariants:\n  - name: a\n    init: scratch\n    finetune: {minutes: fast}\n"
+     " metric: accuracy}\nbogus: 1\n", r"mini.yaml:6: field 'bogus': unknown field"),
+    ("name: x\ndata: {loader: sst2}\nvariants:\n  - name: a\n    init: scratch\n    finetune: {max_minutes: fast}\n"
      "predict: {mode: classify}\neval: {task: classification, metric: accuracy}\n",
-     r"mini.yaml:6: field 'variants\[0\].finetune.minutes' must be a number, got str"),
+     r"mini.yaml:6: field 'variants\[0\].finetune.max_minutes': input should be a valid number, got \"fast\""),
     ("name: x\ndata: {loader: nope}\nvariants: [{name: a, init: scratch}]\npredict: {mode: classify}\n"
      "eval: {task: classification, metric: accuracy}\n", r"mini.yaml:2: field 'loader': unknown loader 'nope'"),
     ("name: x\ndata: {loader: sst2}\n" + TINY_MODEL + "variants:\n  - {name: a, init: scratch}\n"
      "  - {name: b, init: 'variant:zzz'}\npredict: {mode: classify}\neval: {task: classification, metric: accuracy}\n",
      r"mini.yaml:7: field 'init': 'variant:zzz': no earlier variant"),
     ("name: x\nvariants: [{name: a}]\npredict: {mode: classify}\neval: {task: classification, metric: a}\n",
-     r"mini.yaml:1: missing field 'data'"),
+     r"mini.yaml:1: field 'data': missing field"),
     ("name: x\ndata: {loader: inspec}\n" + TINY_MODEL + "variants:\n  - name: a\n    init: scratch\n"
      "    finetune: {task: tag}\npredict: {mode: generate}\neval: {task: keyphrase, metric: macro_f1@5}\n",
      r"mini.yaml:6: field 'predict': finetune task tag needs predict mode extract"),
@@ -169,10 +169,20 @@ eval: {{task: keyphrase, metric: macro_f1@5}}
     ("name: x\ndata: {loader: sst2}\n" + TINY_MODEL + "variants:\n  - name: a\n    init: scratch\n"
      "    finetune: {task: classify, head: generative, class_weights: balanced}\npredict: {mode: classify}\n"
      "eval: {task: classification, metric: accuracy}\n",
-     r"mini.yaml:8: variant a: finetune config: class_weights balanced needs task classify with head classifier"),
+     r"mini.yaml:8: finetune config: class_weights balanced needs task classify with head classifier"),
     ("name: x\ndata: {loader: sst2}\n" + TINY_MODEL + "variants:\n  - name: a\n    init: scratch\n"
      "    finetune: {task: summarize}\npredict: {mode: classify}\n"
-     "eval: {task: classification, metric: accuracy}\n", r"mini.yaml:8: variant a: finetune config: task must be"),
+     "eval: {task: classification, metric: accuracy}\n", r"mini.yaml:8: finetune config: task must be"),
+    ("name: x\ndata: {loader: sst2}\n" + TINY_MODEL + "variants:\n  - name: a\n    init: scratch\n"
+     "    finetune: {task: classify, batch_size: '8'}\npredict: {mode: classify}\n"
+     "eval: {task: classification, metric: accuracy}\n",
+     r"mini.yaml:8: field 'variants\[0\].finetune.batch_size': input should be a valid integer, got \"8\""),
+    ("name: x\ndata: {loader: sst2}\n" + TINY_MODEL + "pretrain: {lr: true}\nvariants: [{name: a, init: scratch}]\n"
+     "predict: {mode: classify}\neval: {task: classification, metric: accuracy}\n",
+     r"mini.yaml:5: field 'pretrain.lr': input should be a valid number, got true"),
+    ("name: x\ndata: {loader: sst2}\n" + TINY_MODEL + "pretrain: {seed: 3}\nvariants: [{name: a, init: scratch}]\n"
+     "predict: {mode: classify}\neval: {task: classification, metric: accuracy}\n",
+     r"mini.yaml:5: field 'seed': the recipe's top-level seed is every stage's seed"),
 ])
 def test_bad_recipe_is_one_error_with_file_and_line(tmp_path, text, message):
     with pytest.raises(SlmforgeError, match=message):

@@ -12,19 +12,20 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-import slmforge.train.finetune as ft
+import slmforge.train.heads as ft_heads
+import slmforge.train.rows as ft_rows
 from conftest import TINY_LLAMA, save_tiny_llama, shared_data, small_corpus
 from slmforge.errors import SlmforgeError
 from slmforge.evaluate.tasks import evaluate_predictions
 from slmforge.infer.predict import decode_keyphrases, extract_keyphrases, predict_file
 from slmforge.modeldir import ModelDir
 from slmforge.train.finetune import FinetuneConfig, finetune
-from slmforge.train.loop import TrainConfig
 
 TINY = TINY_LLAMA
-FAST = dict(batch_size=16, seq_len=63, lr=5e-3, min_lr=5e-4, warmup_steps=5, threads=1, progress=False,
+FAST = dict(batch_size=16, seq_len=63, lr=5e-3, min_lr=5e-4, warmup_fraction=0.1, threads=1, progress=False,
             log_every=10, ckpt_every=0)
 
 
@@ -66,8 +67,7 @@ def tagger_run(tmp_path_factory, base_dir):
     tmp = tmp_path_factory.mktemp("tagger")
     train_f = _jsonl(tmp / "train.jsonl", _keyphrase_rows(300, 0))
     val_f = _jsonl(tmp / "val.jsonl", _keyphrase_rows(40, 1))
-    s = finetune(base_dir, train_f, tmp / "run", FinetuneConfig(task="tag"),
-                 TrainConfig(max_steps=80, eval_every=20, **FAST), val_path=val_f)
+    s = finetune(base_dir, train_f, tmp / "run", FinetuneConfig(task="tag", max_steps=80, eval_every=20, **FAST), val_path=val_f)
     return tmp, s
 
 
@@ -78,7 +78,7 @@ def test_bio_tags_from_offsets_are_exact(base_dir):
     tok = ModelDir.open(base_dir).load_tokenizer()
     text = "The Red Kite saw a red  kite. Tom liked the little bird, not the kites."
     phrases = ["red kite", "little bird", "blue whale", "tom"]  # twice, once, absent, case differs
-    spans = ft.phrase_spans(text, phrases)
+    spans = ft_rows.phrase_spans(text, phrases)
     assert [text[s:e] for s, e in spans] == ["Red Kite", "red  kite", "Tom", "little bird"]  # not "kites"
 
     def groups(ex, offsets):
@@ -92,21 +92,21 @@ def test_bio_tags_from_offsets_are_exact(base_dir):
         return [g.strip() for g in out]
 
     ids, offsets = tok.encode_with_offsets(text, bos=True)
-    ex = ft.tag_example(tok, text, phrases, seq_len=64)
-    assert ex.ids == ids and ex.tags[0] == ft.IGNORE and len(ex.tags) == len(ids)
+    ex = ft_rows.tag_example(tok, text, phrases, seq_len=64)
+    assert ex.ids == ids and ex.tags[0] == ft_rows.IGNORE and len(ex.tags) == len(ids)
     assert tok.decode(ids) == text and all(s < e for s, e in offsets[1:])
     assert groups(ex, offsets) == ["Red Kite", "red  kite", "Tom", "little bird"]
     assert all(t == 0 for (s, e), t in zip(offsets, ex.tags, strict=True) if s >= text.index("not"))
 
     # Truncation keeps the beginning: a phrase cut off keeps the tags of its first tokens.
     bird = next(i for i, (s, e) in enumerate(offsets) if text[s:e].strip() == "bird")
-    cut = ft.tag_example(tok, text, phrases, seq_len=bird)
+    cut = ft_rows.tag_example(tok, text, phrases, seq_len=bird)
     assert cut.ids == ids[:bird] and cut.tags == ex.tags[:bird]
     assert groups(cut, offsets) == ["Red Kite", "red  kite", "Tom", "little"]
 
     # inspec rows: the prompt is the text, "keyphrases" the phrases
     rec = {"prompt": "Find Red Kite here", "completion": " x", "keyphrases": ["red kite"]}
-    assert ft._tag_fields("f:1", rec) == ("Find Red Kite here", ["red kite"])
+    assert ft_rows.tag_fields("f:1", rec) == ("Find Red Kite here", ["red kite"])
 
 
 def test_decode_spans_merge_and_fill():
@@ -141,7 +141,7 @@ def test_tagger_learns_and_extracts_held_out_keyphrases(tagger_run, tmp_path):
     meta = ModelDir.open(model_dir).meta
     assert meta["tagger"]["labels"] == ["O", "B", "I"] and meta["tagger"]["seq_len"] == 63
     assert meta["tagger"]["train_phrases_in_text_pct"] == 75.0  # 3 of the 4 phrases of every row occur
-    assert (model_dir / ft.TAGGER_HEAD_FILE).is_file()
+    assert (model_dir / ft_heads.TAGGER_HEAD_FILE).is_file()
 
     test_f = _jsonl(tmp_path / "test.jsonl", _keyphrase_rows(40, 2))
     stats = predict_file(model_dir, "extract", test_f, tmp_path / "pred.jsonl", top_k=10)
@@ -181,7 +181,7 @@ def test_tagger_lora_adapter_and_merge_keep_the_head(tmp_path, base_dir):
     assert r.exit_code == 0, r.output
     assert "val tag F1" in r.output
     adapter, merged_in_run = tmp_path / "run" / "adapter", tmp_path / "run" / "model"
-    assert (adapter / ft.TAGGER_HEAD_FILE).is_file() and (merged_in_run / ft.TAGGER_HEAD_FILE).is_file()
+    assert (adapter / ft_heads.TAGGER_HEAD_FILE).is_file() and (merged_in_run / ft_heads.TAGGER_HEAD_FILE).is_file()
     assert json.loads((adapter / "slmforge.json").read_text())["tagger"]["labels"] == ["O", "B", "I"]
     r = CliRunner().invoke(app, ["merge-lora", str(base_dir), str(adapter), str(tmp_path / "merged")])
     assert r.exit_code == 0, r.output
@@ -189,12 +189,12 @@ def test_tagger_lora_adapter_and_merge_keep_the_head(tmp_path, base_dir):
     # base + adapter + head, the run's merged model and merge-lora's give the same tag probabilities
     texts = [row["text"] for row in _keyphrase_rows(3, 5)]
     md = ModelDir.open(base_dir)
-    with_adapter = ft.TokenTagger(PeftModel.from_pretrained(md.load_model(), str(adapter)))
-    with_adapter.score.weight.data = ft.load_file(str(adapter / ft.TAGGER_HEAD_FILE))["score.weight"]
-    ref = ft.tag_probs(with_adapter.eval(), md.load_tokenizer(), texts, 63)
+    with_adapter = ft_heads.TokenTagger(PeftModel.from_pretrained(md.load_model(), str(adapter)))
+    with_adapter.score.weight.data = load_file(str(adapter / ft_heads.TAGGER_HEAD_FILE))["score.weight"]
+    ref = ft_heads.tag_probs(with_adapter.eval(), md.load_tokenizer(), texts, 63)
     for d in (merged_in_run, tmp_path / "merged"):
-        model, tok, info = ft.load_tagger(d)
-        got = ft.tag_probs(model, tok, texts, info["seq_len"])
+        model, tok, info = ft_heads.load_tagger(d)
+        got = ft_heads.tag_probs(model, tok, texts, info["seq_len"])
         assert all(o1 == o2 and torch.allclose(p1, p2, atol=1e-5)
                    for (o1, p1), (o2, p2) in zip(ref, got, strict=True))
     rows = [("x:1", {"text": t}) for t in texts]
@@ -209,7 +209,7 @@ def test_bad_tag_rows_name_file_and_line(tmp_path, base_dir):
         f = tmp_path / "train.jsonl"
         f.write_text("".join(r + "\n" for r in rows))
         with pytest.raises(SlmforgeError) as e:
-            finetune(base_dir, f, tmp_path / "run", FinetuneConfig(task="tag"), TrainConfig(max_steps=1, **FAST))
+            finetune(base_dir, f, tmp_path / "run", FinetuneConfig(task="tag", max_steps=1, **FAST))
         return str(e.value)
 
     ok = json.dumps({"text": "Tom saw the ball.", "phrases": ["ball"]})
@@ -237,15 +237,15 @@ def test_inspec_rows_serve_the_tagger(tmp_path):
     """Inspec's rows (prompt + keyphrases) are tag rows. 58.5% of the training documents' distinct gold
     keyphrases occur in their title and abstract (56.4% in val, 57.7% in test); the rest can only be
     generated. 100 of Inspec's 1,500 training documents are held out as the validation split."""
-    from slmforge.evaluate.task_data import prepare_inspec
+    from slmforge.data.tasks import prepare_inspec
 
     prepare_inspec(shared_data("keyphrase/Inspec.zip").parents[1], tmp_path)
-    recs = ft.read_records(tmp_path / "train.jsonl")
-    pairs = [ft._tag_fields(where, rec) for where, rec in recs]
+    recs = ft_rows.read_records(tmp_path / "train.jsonl")
+    pairs = [ft_rows.tag_fields(where, rec) for where, rec in recs]
     assert len(pairs) == 1400 and all(phrases for _, phrases in pairs)
     n = found = 0
     for text, phrases in pairs:
         for p in {x.lower() for x in phrases}:
             n += 1
-            found += bool(ft.phrase_spans(text, [p]))
+            found += bool(ft_rows.phrase_spans(text, [p]))
     assert 0.57 < found / n < 0.6, found / n

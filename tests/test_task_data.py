@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 
 from conftest import shared_data
-from slmforge.errors import SlmforgeError
-from slmforge.evaluate import task_data
-from slmforge.evaluate.task_data import (
+from slmforge.data import tasks as task_data
+from slmforge.data.tasks import (
     hdfs_parse_agreement,
     hdfs_sessions_from_log,
     hdfs_template,
@@ -29,6 +28,7 @@ from slmforge.evaluate.task_data import (
     prepare_translation_domain,
     prepare_wmt_biomed,
 )
+from slmforge.errors import SlmforgeError
 
 
 def _data() -> Path:
@@ -277,7 +277,7 @@ def test_failed_write_keeps_previous_output(tmp_path, monkeypatch):
     def broken(path, text):
         raise OSError("disk full")
 
-    monkeypatch.setattr(task_data, "atomic_write_text", broken)
+    monkeypatch.setattr(task_data.splits, "atomic_write_text", broken)
     with pytest.raises(OSError):
         prepare_sst2(tmp_path, tmp_path / "out", n_test=3, n_val=2)
     assert (tmp_path / "out" / "test.jsonl").read_bytes() == before
@@ -306,13 +306,8 @@ def _recipe_data_options():
 
 @pytest.mark.parametrize("loader,options", list(_recipe_data_options()))
 def test_no_loader_puts_a_held_out_input_in_train(tmp_path, loader, options):
-    if loader == "support_chat":
-        from slmforge.data.supportgen import prepare_support_chat
-
-        stats = {"": prepare_support_chat(tmp_path, **options)}
-    else:
-        stats = task_data.prepare(loader, _data(), tmp_path, **options)
-        stats = {k: v for k, v in stats.items() if isinstance(v, dict) and "counts" in v} or {"": stats}
+    stats = task_data.prepare(loader, None if loader == "support_chat" else _data(), tmp_path, **options)
+    stats = {k: v for k, v in stats.items() if isinstance(v, dict) and "counts" in v} or {"": stats}
     for sub, st in stats.items():
         folder = tmp_path / sub
         train = {task_data.normalize(_input_of(r)) for r in _rows(folder / "train.jsonl")}

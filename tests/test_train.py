@@ -21,7 +21,7 @@ from slmforge.model import LlamaModel
 from slmforge.modeldir import ModelDir
 from slmforge.tokenizer import train_tokenizer
 from slmforge.train.loop import TrainConfig, lr_at, plot_loss_curve, read_metrics, train
-from slmforge.train.pretrain import pretrain
+from slmforge.train.pretrain import PretrainConfig, pretrain
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -65,8 +65,8 @@ def test_lr_schedules():
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])
 def test_loss_goes_down(tmp_path, corpus, precision):
     root, tok = corpus
-    cfg = TrainConfig(max_steps=60, eval_every=30, eval_batches=4, log_every=5, ckpt_every=0, precision=precision,
-                      **FAST)
+    cfg = PretrainConfig(max_steps=60, eval_every=30, eval_batches=4, log_every=5, ckpt_every=0, precision=precision,
+                         **FAST)
     model_dir = pretrain(root / "packed", tmp_path, ModelConfig(**TINY), tok, cfg)
     rows = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(5, 61, 5))
@@ -155,6 +155,61 @@ def test_plot_and_resume_of_finished_run(tmp_path):
     assert fresh.resumed_from is None and len(fresh.history) == 4
 
 
+def _random_batches(i):
+    x = torch.randint(0, 320, (2, 17), generator=torch.Generator().manual_seed(i))
+    return x[:, :-1], x[:, 1:]
+
+
+def test_time_budget_is_timed_by_train_itself_and_kept_on_resume(tmp_path, monkeypatch):
+    """max_minutes: train() times its own steps (at lr 0: the weights and the RNG are as if it had not) and
+    one evaluation, and fixes max_steps; a resumed run reads the plan back instead of timing again."""
+    import slmforge.train.loop as loop
+
+    cfg = TrainConfig(max_steps=10_000, max_minutes=0.05, warmup_fraction=0.1, batch_size=2, seq_len=16,
+                      eval_every=5, log_every=1, ckpt_every=0, threads=1, progress=False, precision="fp32")
+    evals = []
+    res = train(LlamaModel(ModelConfig(**TINY)), _random_batches, cfg, tmp_path / "budget",
+                eval_batches=lambda: [_random_batches(99)], on_eval=lambda step, v: evals.append(step))
+    plan = res.plan
+    assert plan["max_steps"] == res.step < 10_000 and plan["step_s"] > 0 and plan["eval_s"] > 0
+    assert plan["warmup_steps"] == max(1, int(res.step * 0.1 + 1e-9))
+    assert evals[0] == 0  # the timed evaluation, then the real ones
+    monkeypatch.setattr(loop, "BUDGET_PROBE_STEPS", 0)  # a second timing would fail (quantiles of nothing)
+    again = train(LlamaModel(ModelConfig(**TINY)), _random_batches, cfg, tmp_path / "budget")
+    assert again.resumed_from == res.step and again.plan == plan
+
+
+def test_budget_probe_leaves_the_run_unchanged(tmp_path):
+    """The timed steps run at learning rate 0 and their AdamW state and RNG draws are put back: the run
+    trains exactly what the same run without a budget trains, given the same step count."""
+    base = dict(batch_size=2, seq_len=16, warmup_steps=2, log_every=1, ckpt_every=0, threads=1, progress=False,
+                precision="fp32")
+    weights, losses = [], []
+    for name, extra in (("budget", {"max_steps": 6, "max_minutes": 1000.0}), ("plain", {"max_steps": 6})):
+        m = LlamaModel(ModelConfig(**TINY))
+        m.reset_parameters(seed=0)
+        res = train(m, _random_batches, TrainConfig(**base, **extra), tmp_path / name)
+        assert res.step == 6
+        weights.append(m.state_dict())
+        losses.append([r["loss"] for r in res.history])
+    assert losses[0] == losses[1]
+    for k, a in weights[0].items():
+        torch.testing.assert_close(a, weights[1][k], rtol=0, atol=0, msg=k)
+
+
+def test_resume_refuses_a_changed_schedule_unless_forced(tmp_path):
+    cfg = TrainConfig(max_steps=4, batch_size=2, seq_len=16, log_every=1, ckpt_every=2, threads=1, progress=False)
+    train(LlamaModel(ModelConfig(**TINY)), _random_batches, cfg, tmp_path)
+    for changed in ({"lr": 5e-4}, {"batch_size": 3}, {"seed": 1}, {"max_steps": 8}, {"schedule": "wsd"}):
+        with pytest.raises(SlmforgeError, match=f"other settings \\({next(iter(changed))}"):
+            train(LlamaModel(ModelConfig(**TINY)), _random_batches, TrainConfig(**{**cfg.__dict__, **changed}), tmp_path)
+    # settings that do not change what is trained may change; force_resume takes the rest
+    train(LlamaModel(ModelConfig(**TINY)), _random_batches, TrainConfig(**{**cfg.__dict__, "log_every": 2}), tmp_path)
+    forced = train(LlamaModel(ModelConfig(**TINY)), _random_batches,
+                   TrainConfig(**{**cfg.__dict__, "max_steps": 6, "force_resume": True}), tmp_path)
+    assert forced.resumed_from == 4 and forced.step == 6
+
+
 def test_crash_then_resume_truncates_metrics_and_matches(tmp_path):
     """A crash mid-run (no signal, no final checkpoint): resume drops the rows after the checkpoint."""
 
@@ -192,7 +247,7 @@ def test_tokenizer_mismatch_is_an_error(tmp_path, corpus):
     root, _ = corpus
     other = train_tokenizer(["something else entirely"] * 50, vocab_size=300)
     with pytest.raises(SlmforgeError, match="packed with a different tokenizer"):
-        pretrain(root / "packed", tmp_path, ModelConfig(**TINY), other, TrainConfig(**FAST))
+        pretrain(root / "packed", tmp_path, ModelConfig(**TINY), other, PretrainConfig(**FAST))
 
 
 # --- exact resume ----------------------------------------------------------------------------------------
@@ -202,8 +257,7 @@ RUN_SCRIPT = textwrap.dedent("""
     from slmforge.config import ModelConfig
     from slmforge.data import pack
     from slmforge.tokenizer import Tokenizer
-    from slmforge.train.loop import TrainConfig
-    from slmforge.train.pretrain import pretrain
+    from slmforge.train.pretrain import PretrainConfig, pretrain
 
     root, out, slow = sys.argv[1], sys.argv[2], float(sys.argv[3])
     if slow:  # slow the run down so the test can kill it mid-way; batches stay the same
@@ -212,7 +266,7 @@ RUN_SCRIPT = textwrap.dedent("""
             time.sleep(slow)
             return _orig(self, *a, **k)
         pack.TokenShards.get_batch = _slow
-    cfg = TrainConfig(max_steps=40, log_every=1, eval_every=10, eval_batches=2, ckpt_every=10,
+    cfg = PretrainConfig(max_steps=40, log_every=1, eval_every=10, eval_batches=2, ckpt_every=10,
                       precision="bf16", **{FAST!r})
     pretrain(root + "/packed", out, ModelConfig(**{TINY!r}), Tokenizer.from_dir(root + "/tok"), cfg)
 """).replace("{FAST!r}", repr(FAST)).replace("{TINY!r}", repr(TINY))

@@ -33,6 +33,7 @@ import torch
 
 from slmforge.config import ModelConfig
 from slmforge.errors import SlmforgeError
+from slmforge.io import check_out_file, fsync_dir
 from slmforge.modeldir import ModelDir, load_safetensors
 from slmforge.tokenizer import Tokenizer
 
@@ -171,6 +172,7 @@ def export_gguf(model_dir: str | Path, out: str | Path, type: str = "f16") -> Pa
     if type not in TYPES:
         raise SlmforgeError(f"GGUF type {type!r}: choose one of {', '.join(TYPES)}")
     out = Path(out)
+    check_out_file(out)
     md = ModelDir.open(model_dir)
     cfg, tok = md.config, md.load_tokenizer()
     state = load_safetensors(md.path / "model.safetensors")
@@ -235,7 +237,13 @@ def export_gguf(model_dir: str | Path, out: str | Path, type: str = "f16") -> Pa
         w.write_tensors_to_file()
         w.close()
         os.chmod(tmp, 0o644)  # mkstemp makes it private; a model file is meant to be shared
+        with open(tmp, "rb") as f:  # on disk before the name points at it
+            os.fsync(f.fileno())
         os.replace(tmp, out)
+        fsync_dir(out.parent)
+    except OSError as e:  # (naming `out`: the temp file means nothing to the user)
+        Path(tmp).unlink(missing_ok=True)
+        raise SlmforgeError(f"{out}: cannot write ({e.strerror or e})") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

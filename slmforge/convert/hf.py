@@ -51,8 +51,10 @@ def resolve_source(src: str | Path) -> Path:
 
 def hf_config_to_ours(d: dict, source: str) -> ModelConfig:
     """Check a transformers config.json dict and convert it; errors name the field that is unsupported."""
+    if not isinstance(d, dict):
+        raise SlmforgeError(f"{source}: expected a JSON object")
     archs = d.get("architectures") or []
-    arch = archs[0] if archs else None
+    arch = archs[0] if isinstance(archs, list) and archs else None
     if arch not in SUPPORTED:
         raise SlmforgeError(f"{source}: architectures {archs!r} is not supported "
                             f"(supported: {', '.join(SUPPORTED)}; SmolLM is LlamaForCausalLM)")
@@ -72,10 +74,7 @@ def hf_config_to_ours(d: dict, source: str) -> ModelConfig:
     for key, ok, msg in checks:
         if not ok:
             raise SlmforgeError(f"{source}: {key} = {d.get(key)!r}: {msg}")
-    try:
-        return ModelConfig.from_hf_dict(d)
-    except SlmforgeError as e:
-        raise SlmforgeError(f"{source}: {str(e).removeprefix('config.json: ')}") from None
+    return ModelConfig.from_hf_dict(d, source=source)
 
 
 def read_hf_weights(src: Path) -> dict[str, torch.Tensor]:
@@ -119,10 +118,7 @@ def read_hf_tokenizer(src: Path, cfg: ModelConfig) -> Tokenizer:
         hint = " (only a slow sentencepiece tokenizer.model; save it as a fast tokenizer with transformers' " \
                "AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR))" if (src / "tokenizer.model").is_file() else ""
         raise SlmforgeError(f"{src / 'tokenizer.json'}: missing{hint}")
-    tok = Tokenizer.from_dir(src)
-    jinja = src / "chat_template.jinja"
-    if not tok.chat_template and jinja.is_file():
-        tok.chat_template = jinja.read_text(encoding="utf-8")
+    tok = Tokenizer.from_dir(src)  # reads the template from tokenizer_config.json or chat_template.jinja
 
     def name_of(token: str | None, token_id: int | None) -> str | None:
         if token:

@@ -1,4 +1,5 @@
-"""Task evaluation: metrics (tasks.py) and the real-data task sets they are measured on (task_data.py)."""
+"""Task evaluation: metrics (tasks.py) and bits per byte on real text (perplexity.py). The task data sets
+themselves are slmforge.data.tasks."""
 
 from slmforge.evaluate.tasks import (
     binary_metrics,

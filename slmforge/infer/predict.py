@@ -39,7 +39,7 @@ INPUT_FIELDS = ("text", "prompt", "messages", "events")  # not copied to the out
 
 
 def read_rows(path: str | Path) -> list[tuple[str, dict]]:
-    from slmforge.train.finetune import read_records
+    from slmforge.train.rows import read_records
 
     return read_records(path)
 
@@ -59,9 +59,10 @@ def _progress(total: int, label: str, enabled: bool):
 def classify(model_dir: str | Path, rows: list[tuple[str, dict]], labels: Sequence[str] | None = None,
              batch_size: int = 32) -> list[str]:
     """A label per row's "text": a fine-tuned classifier's own labels, else `labels` by log-likelihood."""
-    from slmforge.train.finetune import _text_field, label_logliks, predict_labels
+    from slmforge.train.heads import label_logliks, predict_labels
+    from slmforge.train.rows import text_field
 
-    texts = [_text_field(where, rec, "text") for where, rec in rows]
+    texts = [text_field(where, rec, "text") for where, rec in rows]
     md = ModelDir.open(model_dir)
     if md.meta.get("classifier"):
         return predict_labels(model_dir, texts, batch_size)
@@ -294,7 +295,8 @@ def decode_keyphrases(text: str, offsets: list[tuple[int, int]], probs: torch.Te
 def extract_keyphrases(model_dir: str | Path, rows: list[tuple[str, dict]], top_k: int = 10, batch_size: int = 16,
                        merge: str = "max") -> list[list[tuple[str, float]]]:
     """The top_k (phrase, score) of each row's text by a fine-tuned tagger (finetune --task tag)."""
-    from slmforge.train.finetune import load_tagger, tag_probs, tag_text
+    from slmforge.train.heads import load_tagger, tag_probs
+    from slmforge.train.rows import tag_text
 
     if top_k < 1:
         raise SlmforgeError(f"top_k must be at least 1, got {top_k}")
@@ -317,6 +319,19 @@ def predict_file(model_dir: str | Path, mode: str, input_path: str | Path, out_p
     """Predict every row of input_path with the model directory and write out_path; returns a summary."""
     if mode not in MODES:
         raise SlmforgeError(f"unknown predict task {mode!r}: one of {', '.join(MODES)}")
+    # checked before any work: a batch of 0 never finishes, and a negative limit would slice from the end
+    if batch_size < 1:
+        raise SlmforgeError(f"--batch {batch_size}: must be at least 1")
+    if limit is not None and limit < 0:
+        raise SlmforgeError(f"--limit {limit}: must be >= 0 (leave it out for every row)")
+    if mode == "deeplog" and top_g < 1:
+        raise SlmforgeError(f"--top-g {top_g}: must be at least 1")
+    if mode == "extract" and top_k < 1:
+        raise SlmforgeError(f"--top-k {top_k}: must be at least 1")
+    if mode == "generate" and max_tokens < 1:
+        raise SlmforgeError(f"--max-tokens {max_tokens}: must be at least 1")
+    if Path(out_path).is_dir():
+        raise SlmforgeError(f"{out_path}: is a directory (--out is the predictions file to write)")
     rows = read_rows(input_path)[:limit]
     t0 = time.time()
     extra: list[dict] = [{} for _ in rows]

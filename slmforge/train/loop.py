@@ -11,6 +11,12 @@ produces bit-identical losses from there on.
     out_dir/checkpoints/last.pt     the latest checkpoint (replaced atomically)
     out_dir/checkpoints/best.pt     weights at the best value of cfg.best_metric (when set)
 
+Time budget: with cfg.max_minutes set, train() times its own first steps before training (a few steps at
+learning rate 0, whose AdamW state is then dropped, and one evaluation) and lowers max_steps to what fits
+in the budget; the plan is kept in the checkpoint, so a resumed run keeps the same schedule. Resuming with
+settings that change the schedule (batch, seq_len, lr, seed, max_steps, world size, ...) is refused unless
+cfg.force_resume.
+
 Early stopping: with cfg.best_metric set (val_loss, or a metric that on_eval returns such as
 val_accuracy), the weights at its best evaluation are kept in best.pt and restored into the model when
 training ends; with cfg.patience > 0, training stops after that many evaluations without improvement.
@@ -25,10 +31,11 @@ import math
 import os
 import random
 import signal
+import statistics
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +44,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from slmforge.errors import SlmforgeError
+from slmforge.errors import ConfigError, SlmforgeError
 from slmforge.io import atomic_write_text
 
 Batch = Any  # a tuple/list (or dict) of tensors; the default loss reads (x, y)
@@ -48,17 +55,24 @@ OnEval = Callable[[int, float], "dict[str, float] | None"]
 SCHEDULES = ("cosine", "wsd", "constant")
 PRECISIONS = ("bf16", "fp32")
 WSD_DECAY_FRACTION = 0.2  # warmup-stable-decay: the last 20% of steps decay to min_lr
+BUDGET_PROBE_STEPS = 8  # steps timed for max_minutes: the first 2 warm up, the lower quartile of the rest counts
+STEP_OVERHEAD = 1.05  # logging and checkpoints on top of the timed step
+# Settings that may change on resume without changing what is trained (the rest must match, or force_resume).
+RESUME_FREE = ("progress", "threads", "device", "keep_freed_memory", "log_every", "ckpt_every", "compile",
+               "force_resume", "eval_every", "eval_batches", "best_metric", "best_mode", "patience")
 
 
 @dataclass
 class TrainConfig:
     max_steps: int = 1000
+    max_minutes: float | None = None  # time budget: max_steps is lowered to what fits (timed at the start)
     batch_size: int = 16  # per rank, per micro-step
     grad_accum: int = 1
     seq_len: int = 256
     lr: float = 1e-3
     min_lr: float = 1e-4
     warmup_steps: int = 100
+    warmup_fraction: float | None = None  # warmup as a share of the (budgeted) max_steps; replaces warmup_steps
     schedule: str = "cosine"  # cosine | wsd | constant
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -78,6 +92,7 @@ class TrainConfig:
     best_metric: str | None = None  # keep (and restore at the end) the weights where this val metric is best
     best_mode: str = "min"  # min for losses, max for accuracies
     patience: int = 0  # stop after this many evaluations without improvement of best_metric (0: never)
+    force_resume: bool = False  # resume even where settings that change the schedule differ from the checkpoint's
 
     def __post_init__(self) -> None:
         checks = [
@@ -86,6 +101,8 @@ class TrainConfig:
              "batch_size, grad_accum and seq_len must be positive"),
             (self.lr > 0 and 0 <= self.min_lr <= self.lr, "need lr > 0 and 0 <= min_lr <= lr"),
             (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
+            (self.warmup_fraction is None or 0 <= self.warmup_fraction < 1, "warmup_fraction must be in [0, 1)"),
+            (self.max_minutes is None or self.max_minutes > 0, "max_minutes must be > 0"),
             (self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}"),
             (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}"),
             (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "betas must be in [0, 1)"),
@@ -99,7 +116,7 @@ class TrainConfig:
         ]
         for ok, msg in checks:
             if not ok:
-                raise SlmforgeError(f"train config: {msg}")
+                raise ConfigError(f"train config: {msg}")
 
 
 @dataclass
@@ -117,6 +134,7 @@ class TrainResult:
     best_step: int | None = None  # step of the best cfg.best_metric; the model holds those weights
     best_value: float | None = None
     stopped_early: bool = False
+    plan: dict | None = None  # max_minutes: the timed step and evaluation, and the max_steps they fixed
 
 
 class TrainingInterrupted(SlmforgeError):
@@ -358,6 +376,8 @@ def _train(model, get_batch, cfg, out, eval_batches, on_eval, loss_fn, resume, d
     # Early stopping state: best value of cfg.best_metric, its step, evaluations since it improved.
     best = {"value": None, "step": None, "bad_evals": 0}
     stopped_early = False
+    requested = asdict(cfg)  # what was asked for: kept in the checkpoint, compared on resume
+    plan = None
     if resume and ckpt_path.is_file():
         ck = load_checkpoint(ckpt_path)
         try:
@@ -370,12 +390,8 @@ def _train(model, get_batch, cfg, out, eval_batches, on_eval, loss_fn, resume, d
         step, tokens, elapsed0, train_time = ck["step"], ck["tokens"], ck["elapsed"], ck["train_time"]
         last_loss, last_val = ck.get("loss"), ck.get("val_loss")
         best, stopped_early = ck.get("best", best), ck.get("stopped_early", False)
-        resumed_from = step
-        changed = {k: (v, getattr(cfg, k)) for k, v in ck["config"].items()
-                   if hasattr(cfg, k) and getattr(cfg, k) != v and k not in ("progress", "threads", "device", "keep_freed_memory")}
-        if changed:
-            console.print(f"[yellow]resuming with changed settings: "
-                          f"{', '.join(f'{k} {a} -> {b}' for k, (a, b) in changed.items())}")
+        resumed_from, plan = step, ck.get("plan")
+        _check_resume(ck, requested, world, ckpt_path, console)
         console.print(f"resuming from {ckpt_path} at step {step}")
         if master:
             _truncate_metrics(metrics_path, step)
@@ -397,6 +413,28 @@ def _train(model, get_batch, cfg, out, eval_batches, on_eval, loss_fn, resume, d
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     accum = cfg.grad_accum
 
+    def forward_backward(step: int) -> tuple[torch.Tensor, int]:
+        """The micro-steps of optimizer step `step`: summed loss and tokens; gradients accumulated."""
+        loss_sum = torch.zeros((), device=device)
+        step_tokens = 0
+        for micro in range(accum):
+            batch = _to_device(get_batch((step * accum + micro) * world + rank), device)
+            if world > 1:  # all-reduce gradients only on the last micro-step
+                run_model.require_backward_grad_sync = micro == accum - 1
+            with autocast:
+                loss = loss_fn(run_model, batch)
+            (loss / accum).backward()
+            loss_sum += loss.detach()
+            step_tokens += _n_tokens(batch)
+        return loss_sum, step_tokens
+
+    def optimizer_step() -> torch.Tensor:
+        clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
     def evaluate() -> float | None:
         raw_model.eval()
         total = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of batch losses, batches)
@@ -414,7 +452,7 @@ def _train(model, get_batch, cfg, out, eval_batches, on_eval, loss_fn, resume, d
             save_checkpoint(ckpt_path, {
                 "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                 "tokens": tokens, "elapsed": elapsed0 + time.time() - t_start, "train_time": train_time,
-                "loss": last_loss, "val_loss": last_val, "config": asdict(cfg), "rng": _rng_state(),
+                "loss": last_loss, "val_loss": last_val, "config": requested, "plan": plan, "rng": _rng_state(),
                 "world_size": world, "best": best, "stopped_early": stopped_early,
             })
 
@@ -432,6 +470,51 @@ def _train(model, get_batch, cfg, out, eval_batches, on_eval, loss_fn, resume, d
             best["bad_evals"] += 1
         return cfg.patience > 0 and best["bad_evals"] >= cfg.patience
 
+    def time_budget() -> dict:
+        """Time BUDGET_PROBE_STEPS real steps at learning rate 0 (the weights do not move; the AdamW state
+        and RNG are put back afterwards) and one evaluation, then fit max_steps into cfg.max_minutes."""
+        t_probe = time.time()
+        rng = _rng_state()
+        for g in optimizer.param_groups:
+            g["lr"] = 0.0
+        times = []
+        for i in range(BUDGET_PROBE_STEPS):
+            t0 = time.perf_counter()
+            loss_sum, _ = forward_backward(i)
+            optimizer_step()
+            loss_sum.item()  # wait for the device
+            times.append(time.perf_counter() - t0)
+        optimizer.state.clear()  # a fresh AdamW, as if the probe had not run
+        _set_rng_state(rng)
+        eval_s = 0.0
+        if eval_batches is not None:
+            t0 = time.perf_counter()
+            val = evaluate()
+            if on_eval is not None and val is not None:
+                on_eval(0, val)
+            eval_s = time.perf_counter() - t0
+        # A step's own cost: the lower quartile, since another job taking the cores for a moment would
+        # otherwise plan far too few steps.
+        timed = torch.tensor([statistics.quantiles(times[2:], n=4)[0], eval_s], dtype=torch.float64, device=device)
+        if world > 1:  # every rank must plan the same number of steps
+            dist.all_reduce(timed, op=dist.ReduceOp.MAX)
+        step_s, eval_s = timed.tolist()
+        left = cfg.max_minutes * 60 - (time.time() - t_probe) - eval_s  # the final evaluation always runs
+        per_step = step_s * STEP_OVERHEAD + (eval_s / cfg.eval_every if cfg.eval_every else 0.0)
+        steps = max(1, min(cfg.max_steps, int(left / per_step)))
+        console.print(f"time budget {cfg.max_minutes:g} min: {step_s:.3f} s a step, {eval_s:.2f} s an evaluation "
+                      f"-> {steps} steps")
+        return {"max_steps": steps, "step_s": round(step_s, 4), "eval_s": round(eval_s, 3),
+                "probe_s": round(time.time() - t_probe, 2), "max_minutes": cfg.max_minutes}
+
+    if cfg.max_minutes is not None and plan is None:
+        plan = time_budget()
+    if plan is not None or cfg.warmup_fraction is not None:
+        plan = plan or {"max_steps": cfg.max_steps}
+        if cfg.warmup_fraction is not None:
+            plan["warmup_steps"] = max(1, int(plan["max_steps"] * cfg.warmup_fraction + 1e-9))
+        cfg = replace(cfg, max_steps=plan["max_steps"], warmup_steps=plan.get("warmup_steps", cfg.warmup_steps))
+
     n_params = sum(p.numel() for p in raw_model.parameters())
     console.print(f"training {n_params / 1e6:.2f}M params on {device}{f' x{world}' if world > 1 else ''}, "
                   f"{cfg.precision}, {cfg.batch_size * cfg.seq_len * accum * world:,} tokens/step, "
@@ -447,21 +530,8 @@ def _train(model, get_batch, cfg, out, eval_batches, on_eval, loss_fn, resume, d
             lr = lr_at(step, cfg)
             for g in optimizer.param_groups:
                 g["lr"] = lr
-            loss_sum = torch.zeros((), device=device)
-            step_tokens = 0
-            for micro in range(accum):
-                batch = _to_device(get_batch((step * accum + micro) * world + rank), device)
-                if world > 1:  # all-reduce gradients only on the last micro-step
-                    run_model.require_backward_grad_sync = micro == accum - 1
-                with autocast:
-                    loss = loss_fn(run_model, batch)
-                (loss / accum).backward()
-                loss_sum += loss.detach()
-                step_tokens += _n_tokens(batch)
-            clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss_sum, step_tokens = forward_backward(step)
+            grad_norm = optimizer_step()
             step += 1
             tokens += step_tokens * world
 
@@ -531,7 +601,25 @@ def _train(model, get_batch, cfg, out, eval_batches, on_eval, loss_fn, resume, d
                        tokens_per_s=tokens / train_time if train_time > 0 else 0.0, train_time_s=train_time,
                        elapsed_s=elapsed0 + time.time() - t_start, resumed_from=resumed_from, out_dir=out,
                        history=history, best_step=best["step"], best_value=best["value"],
-                       stopped_early=stopped_early)
+                       stopped_early=stopped_early, plan=plan)
+
+
+def _check_resume(ck: dict, requested: dict, world: int, path: Path, console) -> None:
+    """Refuse to resume into a different run: a changed world size or a setting that changes what is
+    trained (batch, seq_len, lr, schedule, seed, steps, ...) would silently mix two runs in one model."""
+    old = ck.get("config", {})
+    changed = {k: (old[k], v) for k, v in requested.items() if k in old and old[k] != v}
+    if ck.get("world_size", 1) != world:
+        changed["world_size"] = (ck.get("world_size", 1), world)
+    if not changed:
+        return
+    listed = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
+    if requested.get("force_resume") or all(k in RESUME_FREE for k in changed):
+        console.print(f"[yellow]resuming with changed settings: {listed}")
+        return
+    raise SlmforgeError(f"{path}: this checkpoint was trained with other settings ({listed}); resuming would mix "
+                        f"two runs. Use the checkpoint's settings, another output folder, --no-resume to start "
+                        f"over, or force_resume (--force-resume) to continue anyway")
 
 
 class _null:

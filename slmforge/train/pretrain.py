@@ -9,16 +9,75 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from pydantic import with_config
 
 from slmforge.config import ModelConfig
 from slmforge.data.pack import TokenShards, read_index
-from slmforge.errors import SlmforgeError
+from slmforge.errors import ConfigError, SlmforgeError
 from slmforge.model import LlamaModel
 from slmforge.modeldir import save_model_dir
+from slmforge.stage_config import STRICT, setting
 from slmforge.tokenizer import Tokenizer
 from slmforge.train.loop import TrainConfig, dist_env, plot_loss_curve, train
+
+
+@with_config(STRICT)
+@dataclass
+class PretrainConfig:
+    """Every setting of a pretraining run, in one place: `slmforge pretrain`'s options and a recipe's
+    `pretrain:` section are made from these fields (slmforge/stage_config.py). The model is not here: it
+    is a preset (CLI) or a recipe's `model:` section."""
+
+    max_steps: int = setting(2000, "Optimizer steps (at most).", aliases=("--steps",))
+    max_minutes: float | None = setting(None, "Time budget: fewer steps when they do not fit (timed at the start).",
+                                        aliases=("--minutes",))
+    max_epochs: float | None = setting(None, "Never more passes than this over the training tokens.")
+    batch_size: int = setting(32, "Sequences per micro-step (per rank).")
+    grad_accum: int = setting(1, "Micro-steps per optimizer step.")
+    seq_len: int = setting(256, "Training window length.")
+    lr: float = setting(1e-3, "Peak learning rate.")
+    min_lr: float | None = setting(None, "Final learning rate (default: lr/10).")
+    warmup_steps: int | None = setting(None, "Warmup steps (default: warmup_fraction of the steps).",
+                                         aliases=("--warmup",))
+    warmup_fraction: float = setting(0.05, "Warmup as a share of the steps, when warmup_steps is not given.")
+    schedule: str = setting("cosine", "cosine, wsd or constant.")
+    weight_decay: float = setting(0.1, "AdamW weight decay.")
+    grad_clip: float = setting(1.0, "Gradient norm clip (0: off).")
+    precision: str = setting("bf16", "bf16 (autocast, CPU and GPU) or fp32.")
+    compile: bool = setting(False, "torch.compile the model.")
+    eval_every: int = setting(200, "Steps between val-loss evaluations (0: at the end only).")
+    eval_batches: int = setting(20, "Batches per evaluation.")
+    ckpt_every: int = setting(200, "Steps between checkpoints (0: at the end only).")
+    log_every: int = setting(10, "Steps between metric rows.")
+    seed: int = setting(0, "Seed for init and data order.")
+    device: str = setting("auto", "auto, cpu, cuda, cuda:N.")
+    threads: int | None = setting(None, "torch threads (default: torch's).")
+    progress: bool = setting(True, "Show progress.")
+    force_resume: bool = setting(False, "Resume even where settings that change the run differ from the checkpoint's.")
+
+    def __post_init__(self) -> None:
+        if self.max_epochs is not None and self.max_epochs <= 0:
+            raise ConfigError("pretrain config: max_epochs must be > 0")
+        self.train_config(10**9)  # the trainer core checks the rest
+
+    def train_config(self, train_tokens: int) -> TrainConfig:
+        """The trainer core's settings: max_steps capped by max_epochs over `train_tokens`."""
+        steps = self.max_steps
+        if self.max_epochs is not None:
+            per_step = self.batch_size * self.grad_accum * self.seq_len * dist_env()[1]
+            steps = max(1, min(steps, int(self.max_epochs * train_tokens / per_step)))
+        return TrainConfig(
+            max_steps=steps, max_minutes=self.max_minutes, batch_size=self.batch_size, grad_accum=self.grad_accum,
+            seq_len=self.seq_len, lr=self.lr, min_lr=self.lr / 10 if self.min_lr is None else self.min_lr,
+            warmup_steps=self.warmup_steps or 0,
+            warmup_fraction=self.warmup_fraction if self.warmup_steps is None else None,
+            schedule=self.schedule, weight_decay=self.weight_decay, grad_clip=self.grad_clip,
+            precision=self.precision, compile=self.compile, eval_every=self.eval_every,
+            eval_batches=self.eval_batches, ckpt_every=self.ckpt_every, log_every=self.log_every, seed=self.seed,
+            device=self.device, threads=self.threads, progress=self.progress, force_resume=self.force_resume)
 
 
 def pretrain(
@@ -26,12 +85,13 @@ def pretrain(
     out_dir: str | Path,
     model_config: ModelConfig,
     tokenizer: Tokenizer,
-    train_cfg: TrainConfig,
+    cfg: PretrainConfig,
     resume: bool = True,
 ) -> Path:
     """Train from scratch (or resume) and write out_dir/model. Returns the model directory path."""
     data_dir, out = Path(data_dir), Path(out_dir)
     index = read_index(data_dir)
+    train_cfg = cfg.train_config(index["splits"]["train"]["tokens"])
     fp = tokenizer.fingerprint()
     if index.get("tokenizer_fingerprint") != fp:
         raise SlmforgeError(f"{data_dir}: packed with a different tokenizer (fingerprint "
@@ -75,11 +135,14 @@ def pretrain(
             "train_tokens": index["splits"]["train"]["tokens"],
             "val_tokens": index["splits"]["val"]["tokens"],
         },
+        "pretrain": asdict(cfg),
         "train": asdict(train_cfg),
+        "train_plan": result.plan,
         "metrics": {
             "val_loss": val,
             "val_ppl": math.exp(val) if val is not None and val < 50 else None,
             "train_loss": result.loss,
+            "steps": result.step,
             "train_tokens": result.tokens,
             "tokens_per_s": round(result.tokens_per_s, 1),
             "train_time_s": round(result.train_time_s, 2),

@@ -5,8 +5,8 @@ customer phrasing x detail, three turns (the customer states the problem, the ag
 detail the issue needs, the customer gives it, the agent resolves). The agent's answers follow the
 issue's playbook, so a model can learn them; the customer's wording varies, so it has to read.
 
-    prepare_support_chat(out_dir, seed=0, n=2000, n_test=200)
-        -> out_dir/train.jsonl, test.jsonl: {"id", "messages", "product", "issue"}; stats.json
+    prepare_support_chat(data_dir, out_dir, seed=0, n=2000, n_test=200, n_val=100)
+        -> out_dir/train.jsonl, val.jsonl, test.jsonl: {"id", "messages", "product", "issue"}; stats.json
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+from slmforge.data.tasks.splits import drop_held, write_splits
 from slmforge.errors import SlmforgeError
 
 SYSTEM = "You are a helpful support agent for Acme. Be brief and concrete."
@@ -78,13 +79,12 @@ def conversation(seed: int, index: int) -> dict:
     return {"id": f"support-{seed}-{index}", "messages": messages, "product": product, "issue": issue}
 
 
-def prepare_support_chat(out_dir: str | Path, seed: int = 0, n: int = 2000, n_test: int = 200,
-                         n_val: int = 100) -> dict:
+def prepare_support_chat(data_dir: str | Path | None, out_dir: str | Path, seed: int = 0, n: int = 2000,
+                         n_test: int = 200, n_val: int = 100) -> dict:
     """Write n generated conversations as chat JSONL: the last n_test are the test split, the n_val before
     them val. A training conversation whose customer turns equal a held-out one's is dropped (the generator
-    can repeat itself)."""
-    from slmforge.evaluate.task_data import _write_splits, drop_held
-
+    can repeat itself). data_dir is not read (the data is generated); it is there so that every loader is
+    called the same way."""
     if not (0 < n_test and 0 <= n_val and n_test + n_val < n):
         raise SlmforgeError(f"support_chat: n_test {n_test} + n_val {n_val} must be below n = {n}")
     rows = [conversation(seed, i) for i in range(n)]
@@ -95,7 +95,7 @@ def prepare_support_chat(out_dir: str | Path, seed: int = 0, n: int = 2000, n_te
     inputs = {k: ["\n".join(m["content"] for m in r["messages"] if m["role"] == "user") for r in v]
               for k, v in splits.items()}
     dropped = drop_held(splits, inputs)
-    return _write_splits(out_dir, splits,
+    return write_splits(out_dir, splits,
                          {"task": "support_chat", "kind": "chat", "seed": seed, "conversations": n,
                           "train_dropped_as_held": dropped, "issues": sorted(ISSUES), "products": PRODUCTS},
                          inputs)

@@ -1,0 +1,214 @@
+"""One typed config per stage: a plain dataclass whose fields (type, default, help) are the only place a
+setting is defined. The recipe YAML is read into it (validated by pydantic, errors naming file:line and the
+field) and the stage's CLI options are made from it, so a default cannot differ between the two.
+
+    @dataclass
+    class FinetuneConfig:
+        lr: float | None = setting(None, "Peak learning rate (default: 2e-5 full, 1e-3 LoRA).")
+
+    @app.command()
+    @options_from(FinetuneConfig)
+    def finetune(cfg: FinetuneConfig, model: Path = ..., ...) -> None: ...   # gets --lr, ... from the config
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import json
+import re
+import types
+from pathlib import Path
+from typing import Annotated, Any, Union, get_args, get_origin, get_type_hints
+
+import yaml
+from pydantic import ConfigDict, TypeAdapter, ValidationError
+
+from slmforge.errors import SlmforgeError
+
+STRICT = ConfigDict(extra="forbid")  # unknown fields are errors; set on every config dataclass
+
+
+def setting(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = None,
+            aliases: tuple[str, ...] = ()) -> Any:
+    """A config field with its help text (the CLI's --help and the docs read it) and any other CLI flags
+    it answers to (aliases=("--steps",))."""
+    meta = {"help": help, "aliases": aliases}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# YAML with line numbers
+
+
+class LineMap(dict):
+    """A YAML mapping that remembers its own line and the line of each key."""
+
+    line: int = 1
+    lines: dict
+
+
+class _LineLoader(yaml.SafeLoader):
+    pass
+
+
+def _construct_map(loader: _LineLoader, node: yaml.MappingNode) -> LineMap:
+    m = LineMap(loader.construct_mapping(node, deep=True))
+    m.line = node.start_mark.line + 1
+    m.lines = {k.value: k.start_mark.line + 1 for k, _ in node.value if isinstance(k, yaml.ScalarNode)}
+    return m
+
+
+_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_map)
+# YAML 1.1 reads `lr: 1e-3` as a string (its floats need a dot); configs are full of such numbers.
+_LineLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
+                                  list("-+0123456789"))
+
+
+def read_yaml(path: str | Path) -> Any:
+    """A YAML file whose mappings know their lines; bad YAML or bytes are one error naming file:line."""
+    path = Path(path)
+    try:
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_LineLoader)
+    except UnicodeDecodeError as e:
+        raise SlmforgeError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise SlmforgeError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', None) or e})") from None
+
+
+def line_of(raw: Any, loc: tuple) -> int:
+    """The line of the deepest mapping key on the path `loc` (pydantic's error location) in `raw`."""
+    line, node = getattr(raw, "line", 1), raw
+    for key in loc:
+        if isinstance(node, LineMap) and key in node:
+            line, node = node.lines.get(key, node.line), node[key]
+        elif isinstance(node, list) and isinstance(key, int) and key < len(node):
+            node = node[key]
+            line = getattr(node, "line", line)
+        else:
+            break
+    return line
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Validation
+
+
+@functools.cache
+def _adapter(cls: type) -> TypeAdapter:
+    return TypeAdapter(cls)
+
+
+def _message(err: dict) -> str:
+    kind, got = err["type"], err.get("input")
+    if kind in ("unexpected_keyword_argument", "extra_forbidden"):
+        return "unknown field"
+    if kind == "missing":
+        return "missing field"
+    return f"{err['msg'][0].lower()}{err['msg'][1:]}, got {json.dumps(got) if _jsonable(got) else type(got).__name__}"
+
+
+def _jsonable(v: Any) -> bool:
+    try:
+        json.dumps(v)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def build(cls: type, raw: Any, where: str | Path = "config") -> Any:
+    """cls from a mapping (as read by read_yaml), every field type-checked strictly (a quoted "2" is not
+    an integer, true is not a number); unknown fields are errors. One SlmforgeError naming file:line and the
+    dotted field; __post_init__ checks of the dataclasses run too and are reported with the file."""
+    try:
+        text = json.dumps(raw)
+    except (TypeError, ValueError) as e:  # YAML dates and the like
+        raise SlmforgeError(f"{where}: {e}") from None
+    try:
+        return _adapter(cls).validate_json(text, strict=True)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = tuple(err["loc"])
+        if err["type"] == "missing" and loc:  # the field is missing from its parent mapping
+            line = line_of(raw, loc[:-1])
+        else:
+            line = line_of(raw, loc)
+        field = ".".join(str(k) if isinstance(k, str) else f"[{k}]" for k in loc).replace(".[", "[")
+        if err["type"] == "value_error":  # raised by a __post_init__ check
+            msg = str(err.get("ctx", {}).get("error", err["msg"]))
+            raise SlmforgeError(f"{where}:{line}: {msg}") from None
+        raise SlmforgeError(f"{where}:{line}: field '{field}': {_message(err)}") from None
+    except SlmforgeError as e:  # a __post_init__ check
+        raise SlmforgeError(f"{where}: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CLI options from a config
+
+
+def _cli_type(hint: Any) -> Any:
+    """The type typer parses: lists of strings are taken comma-separated (--lora-targets q_proj,v_proj)."""
+    args = [a for a in get_args(hint) if a is not type(None)]
+    if get_origin(hint) in (Union, types.UnionType) and len(args) == 1:
+        inner = _cli_type(args[0])
+        return inner if inner is str else inner | None
+    if get_origin(hint) is list:
+        return str
+    return hint
+
+
+def _from_cli(value: Any, hint: Any) -> Any:
+    args = [a for a in get_args(hint) if a is not type(None)]
+    if get_origin(hint) in (Union, types.UnionType) and len(args) == 1:
+        return None if value is None else _from_cli(value, args[0])
+    if get_origin(hint) is list and isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return value
+
+
+def options_from(cls: type, exclude: tuple[str, ...] = ()) -> Any:
+    """Decorate a typer command `fn(cfg, **its own options)`: every field of cls becomes a --option with the
+    field's default and help, and fn receives the built config. Fields in `exclude` keep their default."""
+    hints = get_type_hints(cls)
+    cfg_fields = [f for f in dataclasses.fields(cls) if f.init and f.name not in exclude]
+
+    def decorate(fn):
+        own = [p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.name != "cfg"]
+        params = list(own)
+        for f in cfg_fields:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            if isinstance(default, list):
+                default = ",".join(map(str, default))
+            import typer
+
+            flags = (f"--{f.name.replace('_', '-')}", *f.metadata.get("aliases", ()))
+            option = typer.Option(*flags, help=f.metadata.get("help", ""))
+            params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                            annotation=Annotated[_cli_type(hints[f.name]), option]))
+
+        @functools.wraps(fn)
+        def command(**kwargs):
+            values = {f.name: _from_cli(kwargs.pop(f.name), hints[f.name]) for f in cfg_fields}
+            return fn(cls(**values), **kwargs)
+
+        command.__signature__ = inspect.Signature(params)
+        command.__annotations__ = {}
+        del command.__wrapped__  # typer must read the new signature, not fn's
+        return command
+
+    return decorate
+
+
+def config_help(cls: type) -> str:
+    """A YAML block of the config with every default and its help, for docs and `--help` epilogs."""
+    lines = []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
+        lines.append(f"{f.name}: {json.dumps(default)}  # {f.metadata.get('help', '')}".rstrip(" #"))
+    return "\n".join(lines)
