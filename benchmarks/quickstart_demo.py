@@ -8,7 +8,8 @@
 The teacher path is the Makefile's command: stories260K imported into runs/stories260K, 3,000 stories
 sampled from it, a 1,024-token BPE, 5 training minutes, judged on the TinyStories validation text beside
 stories260K. Each run starts from an empty --work folder (the quickstart resumes finished stages, which
-would time nothing). Writes the quickstart's summary.json (samples included), the wall time of the whole
+would time nothing). Writes the quickstart's report.json (the recipe runner's: pretraining metrics, the judge's
+bits per byte and samples; runs before the quickstart became a recipe kept its summary.json), the wall time of the whole
 command and the machine's load before it to benchmarks/results/quickstart[_template].json.
 """
 
@@ -56,7 +57,7 @@ def main() -> None:
     t = time.time()
     subprocess.run(cmd, check=True)
     wall = time.time() - t
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "report.json").read_text())
     result = {"command": " ".join(Path(c).name if c == str(SLMFORGE) else os.path.relpath(c, REPO)
                                   if c.startswith(str(REPO)) else c for c in cmd),
               "wall_s": round(wall, 1), "load_avg_1m_before": load_before, "cpus": os.cpu_count(),

@@ -78,27 +78,34 @@ Dtype = Annotated[str, typer.Option(help="float32 or bfloat16 weights for infere
 @app.command()
 def quickstart(
     out: Annotated[Path, typer.Option(help="Run folder (re-running resumes).")] = Path("runs/quickstart"),
-    stories: Annotated[int, typer.Option(help="Stories to generate.")] = 20_000,
-    preset: Annotated[str, typer.Option(help="Model size preset.")] = "3m",
-    steps: Annotated[int | None, typer.Option(help="Pretraining steps (default: what fits --minutes).")] = None,
-    minutes: Annotated[float, typer.Option(help="Pretraining time budget when --steps is not given.")] = 10.0,
-    batch_size: Annotated[int, typer.Option(help="Sequences per step.")] = 32,
-    vocab_size: Annotated[int, typer.Option(help="Tokenizer vocabulary size.")] = 2048,
-    precision: Annotated[str, typer.Option(help="bf16 (autocast) or fp32.")] = "bf16",
-    seed: Annotated[int, typer.Option(help="Seed for data, init and sampling.")] = 1337,
+    stories: Annotated[int | None, typer.Option(help="Stories to generate (recipe: 20,000).")] = None,
+    preset: Annotated[str | None, typer.Option(help="Model size preset (recipe: 3m).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Pretraining steps, instead of the time budget.")] = None,
+    minutes: Annotated[float | None, typer.Option(help="Pretraining time budget (recipe: 10).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Sequences per step (recipe: 32).")] = None,
+    vocab_size: Annotated[int | None, typer.Option(help="Tokenizer vocabulary size (recipe: 2,048).")] = None,
+    precision: Annotated[str | None, typer.Option(help="bf16 (autocast) or fp32 (recipe: bf16).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for data, init and sampling (recipe: 1337).")] = None,
     teacher: Annotated[Path | None, typer.Option(help="Base LM dir to sample the stories from (e.g. stories260K "
                                                       "after `slmforge import llama2c`); default: templates.")] = None,
     judge_text: Annotated[list[Path] | None, typer.Option(help="Real text to report bits/byte on (repeatable).")] = None,
     reference: Annotated[list[Path] | None, typer.Option(help="Model dir judged beside ours (repeatable).")] = None,
 ) -> None:
-    """Offline, on a laptop CPU: story corpus -> tokenizer -> pretrain -> samples and report."""
-    from slmforge.quickstart import QuickstartConfig
-    from slmforge.quickstart import quickstart as run_quickstart
+    """Offline, on a laptop CPU: story corpus -> tokenizer -> pretrain -> samples and report. Runs the bundled
+    recipe slmforge/recipes/quickstart.yaml (`slmforge run quickstart --set ...` is the same) with these
+    options as overrides; the defaults are the recipe's."""
+    from slmforge.recipes import load_recipe, run_recipe
 
-    run_quickstart(QuickstartConfig(out=out, n_stories=stories, preset=preset, max_steps=steps, train_minutes=minutes,
-                                    batch_size=batch_size, vocab_size=vocab_size, precision=precision, seed=seed,
-                                    teacher=teacher, judge_text=tuple(judge_text or ()),
-                                    references=tuple(reference or ())))
+    given = {"data.options.n": stories, "model.preset": preset, "pretrain.max_steps": steps,
+             "pretrain.max_minutes": minutes, "pretrain.batch_size": batch_size, "model.vocab_size": vocab_size,
+             "pretrain.precision": precision, "seed": seed,
+             "data.options.teacher": str(teacher) if teacher else None,
+             "judge.files": [str(p) for p in judge_text or []] or None,
+             "judge.references": [str(p) for p in reference or []] or None}
+    overrides = {k: v for k, v in given.items() if v is not None}
+    if steps is not None and minutes is None:  # a step count replaces the time budget
+        overrides["pretrain.max_minutes"] = None
+    run_recipe(load_recipe("quickstart", overrides), out)
 
 
 @tokenizer_app.command("train")

@@ -110,8 +110,17 @@ def run(
     data: Annotated[Path | None, typer.Option(help="The source data folder (default $SLMFORGE_DATA, else ../shared/data).")] = None,
     minutes_scale: Annotated[float, typer.Option(help="Multiply every training time budget.")] = 1.0,
     variant: Annotated[list[str] | None, typer.Option(help="Run only this variant (repeatable).")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a recipe field: pretrain.max_minutes=5 "
+                                                             "(a YAML value; repeatable).")] = None,
 ) -> None:
     """Run a task recipe: data -> tokenizer -> pretrain -> fine-tune variants -> predict -> eval -> report."""
-    from slmforge.recipes import run_recipe
+    from slmforge.recipes import load_recipe, run_recipe
+    from slmforge.stage_config import yaml_value
 
-    run_recipe(recipe, out, data, minutes_scale, variant)
+    overrides = {}
+    for item in set_ or []:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise SlmforgeError(f"--set {item!r}: expected FIELD=VALUE, e.g. pretrain.max_minutes=5")
+        overrides[key.strip()] = yaml_value(value)
+    run_recipe(load_recipe(recipe, overrides), out, data, minutes_scale, variant)

@@ -36,7 +36,7 @@ from rich.console import Console
 from slmforge.data.tasks import describe_overlap, overlap_of, resolve_data_dir
 from slmforge.errors import SlmforgeError
 from slmforge.io import atomic_write_text, read_json, read_jsonl, swap_dir_into_place, write_json
-from slmforge.stage_config import STRICT, build, line_of, read_yaml
+from slmforge.stage_config import STRICT, build, line_of, read_yaml, set_fields
 from slmforge.train.finetune import FinetuneConfig
 from slmforge.train.pretrain import PretrainConfig
 
@@ -56,7 +56,7 @@ INITS = ("scratch", "pretrained")  # or "variant:<name>"
 class DataSpec:
     loader: str  # a slmforge.data.tasks loader: sst2, multi30k, ..., support_chat
     options: dict = field(default_factory=dict)  # passed to the loader
-    test: str = "test.jsonl"  # the evaluation file, relative to the prepared data folder: scored once per variant
+    test: str | None = "test.jsonl"  # the evaluation file, relative to the prepared data folder: scored once per variant
     val: str = "val.jsonl"  # the file the variant (and every tuned number) is chosen on
     pretrain_text: list[str] = field(default_factory=lambda: ["train.jsonl"])  # files whose text is the corpus
 
@@ -109,12 +109,28 @@ class EvalSpec:
 
 @with_config(STRICT)
 @dataclass
+class JudgeSpec:
+    """The pretrained model judged on its own: bits per byte (slmforge.evaluate.perplexity) on the loader's
+    val split and on real text files, beside reference model dirs scored on the same files, and samples."""
+
+    files: list[str] = field(default_factory=list)  # real text (or JSONL) files, bits/byte on each
+    references: list[str] = field(default_factory=list)  # model dirs judged on the same files
+    max_val_docs: int = 200
+    samples: int = 4
+    sample_tokens: int = 200
+    prompts: list[str] = field(default_factory=lambda: ["Once upon a time", "One day, a little", "Tom and his mom",
+                                                         "The sun was"])
+
+
+@with_config(STRICT)
+@dataclass
 class Recipe:
     name: str
     data: DataSpec
-    variants: list[VariantSpec]
-    predict: PredictSpec
-    eval: EvalSpec
+    variants: list[VariantSpec] = field(default_factory=list)  # none: pretraining (and judge) only
+    predict: PredictSpec | None = None  # needed with variants
+    eval: EvalSpec | None = None  # needed with variants
+    judge: JudgeSpec | None = None
     description: str = ""
     seed: int = 0
     model: ModelSpec | None = None
@@ -135,8 +151,9 @@ def find_recipe(name_or_path: str | Path) -> Path:
     raise SlmforgeError(f"{name_or_path}: no such recipe file (bundled recipes: {names})")
 
 
-def load_recipe(name_or_path: str | Path) -> Recipe:
-    """Read and check a recipe; any problem is one error naming file:line and the field."""
+def load_recipe(name_or_path: str | Path, overrides: dict | None = None) -> Recipe:
+    """Read and check a recipe; any problem is one error naming file:line and the field. overrides:
+    {"pretrain.max_minutes": 5, ...}, dotted fields set before checking (`slmforge run --set`, quickstart)."""
     from slmforge.config import PRESET_NAMES
     from slmforge.data.tasks import LOADERS
     from slmforge.evaluate.tasks import TASKS as EVAL_TASKS
@@ -148,6 +165,7 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
         raise SlmforgeError(f"{path}:1: a recipe is a mapping (name, data, variants, predict, eval, ...)")
     if "path" in raw:
         raise SlmforgeError(f"{path}:{line_of(raw, ('path',))}: field 'path': unknown field")
+    set_fields(raw, overrides or {}, path)
     recipe = build(Recipe, raw, path)
     recipe.path = str(path)
 
@@ -166,14 +184,21 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
         check(not p.sweep_top_g or p.mode == "deeplog", m, "sweep_top_g", "only for predict mode deeplog")
         check(all(g > 0 for g in p.sweep_top_g), m, "sweep_top_g", "every top_g must be > 0")
 
-    check_predict(recipe.predict, raw["predict"])
-    check(recipe.eval.task in EVAL_TASKS, raw["eval"], "task", f"one of {', '.join(EVAL_TASKS)}")
+    if recipe.variants:
+        check(recipe.predict is not None and recipe.eval is not None, raw, "variants",
+              "variants need a 'predict' and an 'eval' section")
+        check_predict(recipe.predict, raw["predict"])
+        check(recipe.eval.task in EVAL_TASKS, raw["eval"], "task", f"one of {', '.join(EVAL_TASKS)}")
+        check(recipe.data.test is not None, raw["data"], "test", "variants are scored on a test file")
     if recipe.model:
         check(recipe.model.preset.lower() in PRESET_NAMES, raw["model"], "preset",
               f"unknown preset (one of {', '.join(PRESET_NAMES)})")
-    check(bool(recipe.variants), raw, "variants", "needs at least one variant")
+    check(bool(recipe.variants) or recipe.pretrain is not None, raw, "variants",
+          "needs at least one variant, or a pretrain section")
+    check(recipe.judge is None or recipe.pretrain is not None, raw, "judge",
+          "judges the pretrained model: needs a 'pretrain' section")
     seen: set[str] = set()
-    for v, m in zip(recipe.variants, raw["variants"], strict=True):
+    for v, m in zip(recipe.variants, raw.get("variants") or [], strict=True):
         check(v.name not in seen, m, "name", f"duplicate variant name {v.name!r}")
         if v.init.startswith("variant:"):
             check(v.init.split(":", 1)[1] in seen, m, "init", f"{v.init!r}: no earlier variant of that name")
@@ -194,7 +219,7 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
         seen.add(v.name)
     if recipe.pretrain:
         check(recipe.model is not None, raw, "pretrain", "needs a 'model' section")
-    for section in [raw.get("pretrain")] + [v.get("finetune") for v in raw["variants"]]:
+    for section in [raw.get("pretrain")] + [v.get("finetune") for v in raw.get("variants") or []]:
         check(not isinstance(section, dict) or "seed" not in section, section or raw, "seed",
               "the recipe's top-level seed is every stage's seed")
     for extra in recipe.extras:
@@ -387,14 +412,15 @@ def _peak_rss_mib() -> float:
     return round(peak / (2**20 if sys.platform == "darwin" else 1024), 1)
 
 
-def run_recipe(recipe_path: str | Path, out: str | Path | None = None, data_dir: str | Path | None = None,
+def run_recipe(recipe_path: str | Path | Recipe, out: str | Path | None = None, data_dir: str | Path | None = None,
                minutes_scale: float = 1.0, variants: list[str] | None = None) -> dict:
-    """Run (or resume) a recipe; returns the report (also out/report.json and out/report.md)."""
-    from slmforge.data.tasks import prepare
+    """Run (or resume) a recipe (a file, a bundled name, or a loaded Recipe); returns the report (also
+    out/report.json and out/report.md)."""
+    from slmforge.data.tasks import GENERATED, prepare
     from slmforge.evaluate.tasks import evaluate_predictions
     from slmforge.infer.predict import predict_file
 
-    recipe = load_recipe(recipe_path)
+    recipe = recipe_path if isinstance(recipe_path, Recipe) else load_recipe(recipe_path)
     if minutes_scale <= 0:
         raise SlmforgeError(f"minutes scale must be > 0, got {minutes_scale}")
     run = Path(out) if out else Path("runs") / recipe.name
@@ -419,12 +445,12 @@ def run_recipe(recipe_path: str | Path, out: str | Path | None = None, data_dir:
 
     t, was_done = time.time(), (run / "data.json").is_file()
     if _stage(f"task data ({recipe.data.loader})", was_done):
-        source = resolve_data_dir(data_dir) if recipe.data.loader != "support_chat" else None  # generated data
+        source = resolve_data_dir(data_dir) if recipe.data.loader not in GENERATED else None
         stats = prepare(recipe.data.loader, source, data, recipe.seed, **recipe.data.options)
         write_json(run / "data.json", stats)
     data_stats = read_json(run / "data.json")
-    test_path = data / recipe.data.test
-    if not test_path.is_file():
+    test_path = data / recipe.data.test if recipe.data.test else None
+    if test_path is not None and not test_path.is_file():
         raise SlmforgeError(f"{recipe.path}: field 'data.test': {test_path} was not written by the loader")
     val_path = data / recipe.data.val if (data / recipe.data.val).is_file() else None
     overlap = overlap_of(data_stats)
@@ -447,6 +473,15 @@ def run_recipe(recipe_path: str | Path, out: str | Path | None = None, data_dir:
             t, was_done = time.time(), (run / "pretrain" / "model" / "model.safetensors").is_file()
             pre = _pretrain(recipe, run, data, minutes_scale)
             timed("pretrain_s", t, was_done)
+    judged = None
+    if recipe.judge:
+        t, was_done = time.time(), (run / "judge.json").is_file()
+        if _stage("judge the pretrained model (bits per byte, samples)", was_done):
+            write_json(run / "judge.json", _judge(recipe, run, data, val_path))
+        judged = read_json(run / "judge.json")
+        timed("judge_s", t, was_done)
+    if not recipe.variants:
+        return _finish(recipe, run, data_stats, overlap, pre, judged, timings, t_start, minutes_scale)
 
     rows: dict[str, dict] = {}
     for v in chosen:
@@ -538,6 +573,59 @@ def run_recipe(recipe_path: str | Path, out: str | Path | None = None, data_dir:
     return report
 
 
+def _judge(recipe: Recipe, run: Path, data: Path, val_path: Path | None) -> dict:
+    """Bits per byte of the pretrained model on the loader's val split (its first max_val_docs rows) and on
+    each judge file, beside each reference model on the same files; and a few samples."""
+    from slmforge.evaluate.perplexity import judge, score_documents
+    from slmforge.infer.engine import SamplingParams, generate_text
+    from slmforge.modeldir import ModelDir
+
+    j, model_dir = recipe.judge, run / "pretrain" / "model"
+    files = [Path(f) for f in j.files]
+    md = ModelDir.open(model_dir)
+    model, tok = md.load_model().eval(), md.load_tokenizer()
+    val = [record_text(r) for _, r in _records(val_path)][:j.max_val_docs] if val_path else []
+    val_bpb = score_documents(model, tok, [x for x in val if x])["bits_per_byte"] if val else None
+    table = [(f"{recipe.data.val} (this model)", val_bpb)] if val_bpb is not None else []
+    ours = judge(model_dir, files)["files"] if files else []
+    table += [(f"{Path(f['file']).name} (this model)", f["bits_per_byte"]) for f in ours]
+    refs = {}
+    for ref in j.references:
+        refs[ref] = {f["file"]: round(f["bits_per_byte"], 4) for f in judge(ref, files)["files"]} if files else {}
+        table += [(f"{Path(f).name} ({ref})", v) for f, v in refs[ref].items()]
+    samples = []
+    for i, prompt in enumerate(j.prompts[:j.samples]):
+        params = SamplingParams(max_new_tokens=j.sample_tokens, temperature=0.8, top_p=0.95, seed=recipe.seed + i)
+        samples.append(prompt + generate_text(model, tok, prompt, params))
+    return {"val_bits_per_byte": round(val_bpb, 4) if val_bpb is not None else None,
+            "files": {f["file"]: round(f["bits_per_byte"], 4) for f in ours}, "references": refs,
+            "table": [(name, round(v, 4)) for name, v in table], "samples": samples}
+
+
+def _finish(recipe: Recipe, run: Path, data_stats: dict, overlap: dict, pre: dict | None, judged: dict | None,
+            timings: dict, t_start: float, minutes_scale: float) -> dict:
+    """The report of a recipe without variants: the data, the pretrained model and its judge."""
+    report = {"recipe": recipe.name, "description": recipe.description, "recipe_file": recipe.path,
+              "model_dir": str(run / "pretrain" / "model"),
+              "data": {"loader": recipe.data.loader, "options": recipe.data.options,
+                       "counts": data_stats.get("counts"), "overlap": overlap},
+              "pretrain": pre, "judge": judged, "variants": [], "peak_rss_mib": _peak_rss_mib(),
+              "minutes_scale": minutes_scale, "timings_s": {k: round(x, 1) for k, x in timings.items()},
+              "wall_time_s": round(time.time() - t_start, 1), "recipe_config": asdict(recipe)}
+    write_json(run / "report.json", report)
+    atomic_write_text(run / "report.md", report_markdown(report))
+    for s in (judged or {}).get("samples", []):
+        console.print(f"[green]{s}[/green]\n")
+    if pre:
+        console.print(f"val loss {_fmt(pre.get('val_loss'))} · {pre['params'] / 1e6:.2f}M params · "
+                      f"{_fmt(pre.get('tokens_per_s'))} tokens/s · {_fmt(pre.get('steps'))} steps")
+    for name, bpb in (judged or {}).get("table", []):
+        console.print(f"bits/byte {bpb:.3f} · {name}")
+    console.print(f"model: {report['model_dir']}\nreport: {run / 'report.md'}\n"
+                  f"try:   slmforge generate {report['model_dir']} \"Once upon a time\"")
+    return report
+
+
 def _records(path: Path):
     from slmforge.train.rows import read_records
 
@@ -557,15 +645,28 @@ def _fmt(x) -> str:
 def report_markdown(r: dict) -> str:
     """The report as Markdown: data and its overlap, pretraining, the variant comparison, extras."""
     lines = [f"# {r['recipe']}: recipe report", "", r["description"].strip(), "",
-             f"Data: `{r['data']['loader']}` {json.dumps(r['data']['counts'])}; variants chosen on "
-             f"`{r.get('val_file')}`, scored once each on `{r['test_file']}`.", ""]
+             f"Data: `{r['data']['loader']}` {json.dumps(r['data']['counts'])}" + (
+                 f"; variants chosen on `{r.get('val_file')}`, scored once each on `{r['test_file']}`." if r["variants"]
+                 else "."), ""]
     for name, o in r["data"].get("overlap", {}).items():
         lines.append(f"- overlap of {name} with train: {describe_overlap(o)}")
     pre = r.get("pretrain")
     if pre:
         lines += ["", f"Pretraining on the task's own training text: {_fmt(pre['params'])} params, {pre['steps']} "
                   f"steps, corpus {_fmt(pre['corpus_tokens'])} tokens ({_fmt(pre['corpus_documents'])} documents), "
-                  f"val loss {_fmt(pre.get('val_loss'))}, {_fmt(pre.get('train_time_s'))} s."]
+                  f"val loss {_fmt(pre.get('val_loss'))}, {_fmt(pre.get('tokens_per_s'))} tokens/s, "
+                  f"{_fmt(pre.get('train_time_s'))} s. Loss curve: `pretrain/loss_curve.png`."]
+    judged = r.get("judge")
+    if judged:
+        lines += ["", "## Bits per byte (lower is better; comparable across tokenizers)", "",
+                  "| text (model) | bits/byte |", "|---|---|"]
+        lines += [f"| {name} | {v} |" for name, v in judged["table"]]
+        lines += ["", "## Samples (temperature 0.8, top-p 0.95)", ""]
+        lines += ["> " + s.replace("\n", "\n> ") + "\n" for s in judged["samples"]]
+    if not r["variants"]:
+        lines += ["", "Stage times (s, summed over resumed runs): " + ", ".join(
+            f"{k} {v}" for k, v in r["timings_s"].items()) + f"; wall of this run {r['wall_time_s']} s.", ""]
+        return "\n".join(lines)
     m = r["metric"]
     lines += ["", f"| variant | init | mode | head | params | trainable | fine-tune s | total train s | steps | "
               f"{m} (val) | {m} (test) |", "|---|---|---|---|---|---|---|---|---|---|---|"]

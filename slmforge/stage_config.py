@@ -81,6 +81,14 @@ def read_yaml(path: str | Path) -> Any:
         raise SlmforgeError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', None) or e})") from None
 
 
+def yaml_value(text: str) -> Any:
+    """A value written as YAML on a command line (`--set lr=1e-3`), read as read_yaml reads files."""
+    try:
+        return yaml.load(text, Loader=_LineLoader)
+    except yaml.YAMLError as e:
+        raise SlmforgeError(f"{text!r}: not a YAML value ({getattr(e, 'problem', None) or e})") from None
+
+
 def line_of(raw: Any, loc: tuple) -> int:
     """The line of the deepest mapping key on the path `loc` (pydantic's error location) in `raw`."""
     line, node = getattr(raw, "line", 1), raw
@@ -93,6 +101,26 @@ def line_of(raw: Any, loc: tuple) -> int:
         else:
             break
     return line
+
+
+def set_fields(raw: dict, values: dict[str, Any], where: str | Path = "config") -> None:
+    """Set dotted fields ("pretrain.max_minutes") in a mapping read by read_yaml, making the mappings on the
+    way; a value of None removes the field (back to its default). Checked afterwards by build()."""
+    for dotted, value in values.items():
+        *parents, key = dotted.split(".")
+        node = raw
+        for name in parents:
+            if not isinstance(node.get(name), dict):
+                if node.get(name) is not None:
+                    raise SlmforgeError(f"{where}: cannot set {dotted}: {name} is not a mapping")
+                child = LineMap()
+                child.line, child.lines = getattr(node, "line", 1), {}
+                node[name] = child
+            node = node[name]
+        if value is None:
+            node.pop(key, None)
+        else:
+            node[key] = value
 
 
 # ---------------------------------------------------------------------------------------------------------

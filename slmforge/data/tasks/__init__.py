@@ -2,7 +2,8 @@
 seed, **options)` in each, registered in LOADERS (the names a recipe's `data: {loader: ...}` takes).
 
 data_dir is the folder holding the sources as laid out in shared/data/SOURCES.md (sst2/train.tsv,
-multi30k/, medical/, loghub/, keyphrase/Inspec.zip, summarization/); support_chat generates its data.
+multi30k/, medical/, loghub/, keyphrase/Inspec.zip, summarization/); support_chat and stories generate
+their data.
 Each loader writes
 
     out_dir/train.jsonl, [val.jsonl], test.jsonl    one example a line, each with a stable "id"
@@ -50,6 +51,7 @@ from slmforge.data.tasks.splits import (
     write_splits,
 )
 from slmforge.data.tasks.sst2 import prepare_sst2
+from slmforge.data.tasks.stories import prepare_stories
 from slmforge.data.tasks.support_chat import prepare_support_chat
 from slmforge.data.tasks.translation import (
     prepare_multi30k,
@@ -63,7 +65,7 @@ from slmforge.errors import SlmforgeError
 __all__ = ["DIALOGSUM_TEMPLATE", "FORMATS", "INSPEC_TEMPLATE", "LOADERS", "PUBMEDQA_LABELS", "PUBMEDQA_TEMPLATE",
            "describe_overlap", "drop_held", "hdfs_parse_agreement", "hdfs_sessions_from_log", "hdfs_template",
            "holdout", "normalize", "overlap_of", "overlap_report", "parse_hdfs_lines", "prepare", "prepare_dialogsum",
-           "prepare_hdfs", "prepare_inspec", "prepare_multi30k", "prepare_pubmedqa", "prepare_sst2",
+           "prepare_hdfs", "prepare_inspec", "prepare_multi30k", "prepare_pubmedqa", "prepare_sst2", "prepare_stories",
            "prepare_support_chat", "prepare_translation_domain", "prepare_wmt_biomed", "read_inspec",
            "read_loghub_csv", "read_medline_docs", "read_samsum", "resolve_data_dir", "translation_prompt",
            "write_splits"]
@@ -72,7 +74,9 @@ LOADERS: dict[str, Callable[..., dict]] = {
     "sst2": prepare_sst2, "multi30k": prepare_multi30k, "wmt_biomed": prepare_wmt_biomed,
     "translation_domain": prepare_translation_domain, "pubmedqa": prepare_pubmedqa, "hdfs": prepare_hdfs,
     "inspec": prepare_inspec, "dialogsum": prepare_dialogsum, "support_chat": prepare_support_chat,
+    "stories": prepare_stories,
 }
+GENERATED = ("support_chat", "stories")  # loaders that make their data: they read no data folder
 
 
 DATA_ENV = "SLMFORGE_DATA"  # the folder of the source data sets, when --data is not given
