@@ -325,3 +325,10 @@ def test_text_stream_is_incremental_and_exact(tiny_tokenizer, monkeypatch):
     monkeypatch.undo()
     assert deltas == ts.text == tok.decode(ids)
     assert ts.offsets == sorted(ts.offsets) and ts.offsets[-1] <= len(ts.text)
+
+
+def test_a_prompt_too_long_for_the_context_is_trimmed_with_a_warning(tiny_model):
+    ctx = tiny_model.config.max_position_embeddings
+    with pytest.warns(UserWarning, match=f"does not fit the context \\({ctx}\\) with 8 new tokens: keeping its last"):
+        out = list(generate_ids(tiny_model, [1] + [5] * (ctx + 10), SamplingParams(max_new_tokens=8, temperature=0)))
+    assert len(out) == 8

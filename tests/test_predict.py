@@ -30,7 +30,7 @@ def cli(*args):
                           env=env, timeout=120)
 
 
-def test_generate_prompts_and_chat(tiny_model_dir, tmp_path):
+def test_generate_prompts_and_chat(tiny_model_dir, tmp_path, capfd):
     rows = [{"id": "a", "prompt": "Tom saw the", "completion": " ball."},
             {"id": "b", "messages": [{"role": "user", "content": "Lily liked"},
                                      {"role": "assistant", "content": "the cat."}]},
@@ -40,6 +40,7 @@ def test_generate_prompts_and_chat(tiny_model_dir, tmp_path):
                      batch_size=2)
     got = _read(out)
     assert s["rows"] == 3 and [r["id"] for r in got] == ["a", "b", "c"]
+    assert "predict: 1 of 3 prompts are longer than the context minus max_tokens" in capfd.readouterr().err
     assert all(isinstance(r["prediction"], str) for r in got)
     assert got[0]["completion"] == " ball." and got[1]["completion"] == "the cat."  # references kept
     assert "prompt" not in got[0] and "messages" not in got[1]

@@ -25,6 +25,7 @@ from __future__ import annotations
 import itertools
 import random
 import threading
+import warnings
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -460,6 +461,9 @@ def _fit_context(model: LlamaModel, prompt_ids: list[int], params: SamplingParam
         raise SlmforgeError("empty prompt: nothing to condition on (the model directory has no bos token)")
     ctx = model.config.max_position_embeddings
     budget = max(ctx - params.max_new_tokens, ctx // 2)
+    if len(prompt_ids) > budget:  # the CLI and the server reject or trim-and-say before this; a library caller is told
+        warnings.warn(f"prompt of {len(prompt_ids)} tokens does not fit the context ({ctx}) with "
+                      f"{params.max_new_tokens} new tokens: keeping its last {budget}", stacklevel=3)
     prompt_ids = prompt_ids[-budget:]
     return prompt_ids, min(params.max_new_tokens, ctx - len(prompt_ids))
 

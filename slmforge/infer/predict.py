@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import re
 import string
+import sys
 import time
 from bisect import bisect_left, bisect_right
 from collections.abc import Sequence
@@ -108,12 +109,16 @@ def generate(model_dir: str | Path, rows: list[tuple[str, dict]], max_tokens: in
         raise SlmforgeError(f"max_tokens {max_tokens} must be between 1 and the context ({ctx}) - 1")
     params = SamplingParams(max_new_tokens=max_tokens, temperature=0.0, stop=list(stop))
     engine = BatchEngine(model, tok, max_batch=batch_size, max_len=ctx)
-    reqs, refs = [], []
+    reqs, refs, trimmed = [], [], 0
+    keep = ctx - max_tokens
     for where, rec in rows:
         ids, ref = prompt_ids(tok, where, rec)
-        keep = ctx - max_tokens
+        trimmed += len(ids) > keep
         reqs.append(engine.add(Request(ids[-keep:], params, stop_ids=tok.stop_ids)))
         refs.append(ref)
+    if trimmed:  # never silently: fine-tuning truncates the same way, so the model saw such inputs
+        print(f"predict: {trimmed} of {len(rows)} prompts are longer than the context minus max_tokens "
+              f"({keep} tokens) and keep their last {keep} tokens", file=sys.stderr)
     bar, total = _progress(len(reqs), "generating", progress)
     with bar:
         task = bar.add_task("gen", total=total)
