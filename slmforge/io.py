@@ -143,6 +143,22 @@ def read_jsonl(path: str | Path, skip_bad: bool = False) -> Iterator[dict]:
         yield obj
 
 
+def write_dir_atomically(out: str | Path, fill) -> Path:
+    """fill(staging) writes a new folder beside `out` (a unique temp folder in the same parent), which then
+    replaces `out` whole (swap_dir_into_place); on any failure the staging folder is removed and `out` is as
+    it was."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        fill(tmp)
+        swap_dir_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
 def _swap_journal(out: Path) -> Path:
     return out.with_name(f".{out.name}.swap.json")
 

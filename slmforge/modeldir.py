@@ -13,8 +13,6 @@ leaves a half-written model where a good one was.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from slmforge import __version__
 from slmforge.config import ModelConfig
 from slmforge.errors import SlmforgeError
-from slmforge.io import read_json, recover_dir_swap, swap_dir_into_place, write_json
+from slmforge.io import read_json, recover_dir_swap, write_dir_atomically, write_json
 from slmforge.model import LlamaModel
 from slmforge.tokenizer import Tokenizer
 
@@ -116,9 +114,8 @@ def save_model_dir(
     if tokenizer.vocab_size > cfg.vocab_size:
         raise SlmforgeError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {cfg.vocab_size}")
     cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+
+    def fill(tmp: Path) -> None:
         state = {k: v.detach().to("cpu", _DTYPES[dtype]).contiguous() for k, v in model.state_dict().items()}
         if cfg.tie_word_embeddings:
             state.pop("lm_head.weight", None)
@@ -134,11 +131,8 @@ def save_model_dir(
                      "params": cfg.n_params, "tokenizer_fingerprint": tokenizer.fingerprint()}
         full_meta.update(meta or {})
         write_json(tmp / "slmforge.json", full_meta)
-        swap_dir_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+
+    return write_dir_atomically(out, fill)
 
 
 def update_meta(path: str | Path, **fields) -> dict:

@@ -35,7 +35,7 @@ from rich.console import Console
 
 from slmforge.data.tasks import describe_overlap, overlap_of, resolve_data_dir
 from slmforge.errors import SlmforgeError
-from slmforge.io import atomic_write_text, read_json, read_jsonl, swap_dir_into_place, write_json
+from slmforge.io import atomic_write_text, read_json, read_jsonl, write_dir_atomically, write_json
 from slmforge.stage_config import STRICT, build, line_of, read_yaml, set_fields
 from slmforge.train.finetune import FinetuneConfig
 from slmforge.train.pretrain import PretrainConfig
@@ -251,10 +251,7 @@ def _train_tokenizer(texts: list[str], vocab_size: int, out: Path) -> None:
     from slmforge.tokenizer import train_tokenizer
 
     tok = train_tokenizer(texts, vocab_size)
-    staging = out.with_name(f".{out.name}.staging")
-    shutil.rmtree(staging, ignore_errors=True)
-    tok.save(staging)
-    swap_dir_into_place(staging, out)
+    write_dir_atomically(out, tok.save)
 
 
 def _budget(minutes: float | None, scale: float) -> float | None:
@@ -352,10 +349,7 @@ def _variant_row(recipe: Recipe, v: VariantSpec, vdir: Path, pre: dict | None, r
 
 
 def _copy_dir(src: Path, out: Path) -> None:
-    staging = out.with_name(f".{out.name}.staging")
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(src, staging)
-    swap_dir_into_place(staging, out)
+    write_dir_atomically(out, lambda tmp: shutil.copytree(src, tmp, dirs_exist_ok=True))
 
 
 def _hdfs_parse(data_dir: Path, best_model: Path, recipe: Recipe, run: Path) -> dict:

@@ -230,13 +230,3 @@ def options_from(cls: type, exclude: tuple[str, ...] = ()) -> Any:
         return command
 
     return decorate
-
-
-def config_help(cls: type) -> str:
-    """A YAML block of the config with every default and its help, for docs and `--help` epilogs."""
-    lines = []
-    for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
-        lines.append(f"{f.name}: {json.dumps(default)}  # {f.metadata.get('help', '')}".rstrip(" #"))
-    return "\n".join(lines)

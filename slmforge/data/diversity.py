@@ -21,15 +21,13 @@ from __future__ import annotations
 import json
 import random
 import re
-import shutil
 import statistics
-import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
 from slmforge.errors import SlmforgeError
-from slmforge.io import atomic_write_text, read_jsonl, swap_dir_into_place, write_json
+from slmforge.io import atomic_write_text, read_jsonl, write_dir_atomically, write_json
 
 _TOKEN = re.compile(r"[a-z0-9]+(?:'[a-z]+)?|[^\sa-z0-9]")
 _SENTENCE_END = re.compile(r"(?<=[.!?])[\"”']?\s+|\n+")
@@ -226,17 +224,13 @@ def write_report(report: dict, out_dir: str | Path, title: str = "Diversity repo
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise SlmforgeError(f"{out}: exists and is not a directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+
+    def fill(tmp: Path) -> None:
         write_json(tmp / "report.json", report)
         atomic_write_text(tmp / "report.md", _markdown(report, title))
         plot_lengths(report, tmp / "lengths.png")
-        swap_dir_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+
+    return write_dir_atomically(out, fill)
 
 
 def diversity(path: str | Path, out_dir: str | Path, **kw) -> dict:

@@ -42,7 +42,7 @@ import torch
 from pydantic import with_config
 
 from slmforge.errors import ConfigError, SlmforgeError
-from slmforge.io import write_json
+from slmforge.io import write_dir_atomically, write_json
 from slmforge.modeldir import ModelDir
 from slmforge.stage_config import STRICT, setting
 from slmforge.train.heads import (
@@ -59,7 +59,6 @@ from slmforge.train.heads import (
     save_with_head,
     tag_f1,
     trainable_model,
-    write_dir_atomically,
 )
 from slmforge.train.loop import TrainConfig, read_metrics, train
 from slmforge.train.rows import (

@@ -6,7 +6,6 @@ state, an O/B/I token tagger; their losses and validation metrics, their predict
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,7 +15,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from slmforge.errors import SlmforgeError
-from slmforge.io import swap_dir_into_place
+from slmforge.io import write_dir_atomically
 from slmforge.model import LlamaModel
 from slmforge.modeldir import ModelDir, save_model_dir
 from slmforge.tokenizer import Tokenizer
@@ -307,19 +306,6 @@ def merge_lora(model_dir: str | Path, adapter_dir: str | Path, out_dir: str | Pa
         if (adapter / name).is_file():
             head, head_file = load_head(adapter / name), name
     return save_with_head(Path(out_dir), merged, md.load_tokenizer(), head, meta, dtype, head_file)
-
-
-def write_dir_atomically(out: Path, write) -> Path:
-    """write(tmp_dir) fills a staging folder that then replaces `out` whole."""
-    staging = out.with_name(f".{out.name}.staging")
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        write(staging)
-        swap_dir_into_place(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out
 
 
 def save_with_head(out: Path, lm: LlamaModel, tok: Tokenizer, head: nn.Linear | None, meta: dict, dtype: str,

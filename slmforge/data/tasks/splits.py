@@ -8,14 +8,12 @@ from __future__ import annotations
 import gzip
 import json
 import random
-import shutil
-import tempfile
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
 from slmforge.errors import SlmforgeError
-from slmforge.io import atomic_write_text, swap_dir_into_place, write_json
+from slmforge.io import atomic_write_text, write_dir_atomically, write_json
 
 FORMATS = ("classification", "prompt", "chat")
 
@@ -83,18 +81,15 @@ def write_splits(out_dir: str | Path, splits: dict[str, list[dict]], stats: dict
         stats = {**stats, "overlap": {name: overlap_report(inputs["train"], inputs[name])
                                       for name in splits if name != "train" and name in inputs}}
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    stats = {**stats, "counts": {name: len(rows) for name, rows in splits.items()}, "out": str(out)}
+
+    def fill(tmp: Path) -> None:
         for name, rows in splits.items():
             atomic_write_text(tmp / f"{name}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n"
                                                               for r in rows))
-        stats = {**stats, "counts": {name: len(rows) for name, rows in splits.items()}, "out": str(out)}
         write_json(tmp / "stats.json", stats)
-        swap_dir_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_dir_atomically(out, fill)
     return stats
 
 
