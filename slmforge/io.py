@@ -90,6 +90,17 @@ def remove_if_empty(path: str | Path, created: bool) -> None:
         path.rmdir()
 
 
+def file_sha256(path: str | Path, chars: int = 16) -> str:
+    """The first `chars` hex digits of a file's SHA-256 (provenance and cache keys)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:chars]
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 

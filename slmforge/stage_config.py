@@ -199,14 +199,18 @@ def _from_cli(value: Any, hint: Any) -> Any:
     return value
 
 
-def options_from(cls: type, exclude: tuple[str, ...] = ()) -> Any:
+def options_from(cls: type, exclude: tuple[str, ...] = (), name: str = "cfg") -> Any:
     """Decorate a typer command `fn(cfg, **its own options)`: every field of cls becomes a --option with the
-    field's default and help, and fn receives the built config. Fields in `exclude` keep their default."""
+    field's default and help, and fn receives the built config as `name`. Fields in `exclude` keep their
+    default. Decorators for two configs stack (`name="kd"` on one of them) when their fields differ."""
     hints = get_type_hints(cls)
     cfg_fields = [f for f in dataclasses.fields(cls) if f.init and f.name not in exclude]
 
     def decorate(fn):
-        own = [p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.name != "cfg"]
+        own = [p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.name != name]
+        clash = {p.name for p in own} & {f.name for f in cfg_fields}
+        if clash:
+            raise TypeError(f"options_from({cls.__name__}): {sorted(clash)} are options already")
         params = list(own)
         for f in cfg_fields:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
@@ -222,7 +226,7 @@ def options_from(cls: type, exclude: tuple[str, ...] = ()) -> Any:
         @functools.wraps(fn)
         def command(**kwargs):
             values = {f.name: _from_cli(kwargs.pop(f.name), hints[f.name]) for f in cfg_fields}
-            return fn(cls(**values), **kwargs)
+            return fn(**{name: cls(**values)}, **kwargs)
 
         command.__signature__ = inspect.Signature(params)
         command.__annotations__ = {}

@@ -32,7 +32,6 @@ for tag, val_loss otherwise) and can stop early.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,7 +41,7 @@ import torch
 from pydantic import with_config
 
 from slmforge.errors import ConfigError, SlmforgeError
-from slmforge.io import write_dir_atomically, write_json
+from slmforge.io import file_sha256, write_dir_atomically, write_json
 from slmforge.modeldir import ModelDir
 from slmforge.stage_config import STRICT, setting
 from slmforge.train.heads import (
@@ -60,6 +59,7 @@ from slmforge.train.heads import (
     tag_f1,
     trainable_model,
 )
+from slmforge.train.kd import DistillConfig
 from slmforge.train.loop import TrainConfig, read_metrics, train
 from slmforge.train.rows import (
     CLASSIFY_PROMPT,
@@ -176,14 +176,6 @@ class FinetuneConfig:
 # The run
 
 
-def _fingerprint(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
 def train_config(cfg: FinetuneConfig, n_train: int, has_val: bool) -> TrainConfig:
     """The trainer core's settings for this run: steps from max_steps or epochs over n_train examples,
     learning rates from the mode, and the best validation metric kept when there is validation data."""
@@ -206,8 +198,11 @@ def finetune(
     cfg: FinetuneConfig,
     val_path: str | Path | None = None,
     resume: bool = True,
+    teacher: str | Path | None = None,
+    kd: DistillConfig | None = None,
 ) -> dict:
-    """Fine-tune a model directory on task data. Returns the run summary (also written to out/finetune.json)."""
+    """Fine-tune a model directory on task data. Returns the run summary (also written to out/finetune.json).
+    teacher (+ kd): distil from this model directory as well (train/distill.py)."""
     md = ModelDir.open(model_dir)
     tok = md.load_tokenizer()
     out = Path(out_dir)
@@ -242,6 +237,12 @@ def finetune(
     torch.manual_seed(cfg.seed)  # LoRA and head initialisation
     lm, model = trainable_model(md.load_model().train(), cfg, labels, cfg.precision)
     trainable, total = count_params(model)
+    loss_fn, distill_info = loss_fn_of(cfg), None
+    if teacher is not None:
+        from slmforge.train.distill import task_teacher_loss
+
+        loss_fn, distill_info = task_teacher_loss(cfg.task, cfg.classifier_head, teacher, tok, kd or DistillConfig(),
+                                                  labels)
 
     bs, pad = cfg.batch_size, pad_id_of(tok)
 
@@ -281,7 +282,7 @@ def finetune(
         raise SlmforgeError("early stopping (patience) needs validation data: give a val file or val_fraction > 0")
     train_cfg = train_config(cfg, len(train_ex), bool(val_ex))  # keeps the best evaluation's weights
     result = train(model, get_batch, train_cfg, out, (lambda: val_batches) if val_ex else None,
-                   on_eval=on_eval, loss_fn=loss_fn_of(cfg), resume=resume)
+                   on_eval=on_eval, loss_fn=loss_fn, resume=resume)
     model.cpu().eval()
 
     # Metrics of the weights we keep (the best evaluation's, restored by train()).
@@ -302,12 +303,13 @@ def finetune(
     if metrics["val_loss"] is not None and metrics["val_loss"] < 50:
         metrics["val_ppl"] = math.exp(metrics["val_loss"])
     meta = {
-        "stage": "finetune",
+        "stage": "distill" if teacher is not None else "finetune",
+        "distill": distill_info,
         "parent": {"path": str(md.path.resolve()), "stage": md.meta.get("stage"),
                    "tokenizer_fingerprint": tok.fingerprint()},
-        "data": {"train": str(Path(train_path).resolve()), "train_sha256": _fingerprint(Path(train_path)),
+        "data": {"train": str(Path(train_path).resolve()), "train_sha256": file_sha256(Path(train_path)),
                  "val": str(Path(val_path).resolve()) if val_path else None,
-                 "val_sha256": _fingerprint(Path(val_path)) if val_path else None,
+                 "val_sha256": file_sha256(Path(val_path)) if val_path else None,
                  "train_examples": len(train_ex), "val_examples": len(val_ex)},
         "finetune": asdict(cfg), "train": asdict(train_cfg), "train_plan": result.plan, "metrics": metrics,
     }

@@ -7,20 +7,22 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
 from pydantic import with_config
 
 from slmforge.config import ModelConfig
 from slmforge.data.pack import TokenShards, read_index
 from slmforge.errors import ConfigError, SlmforgeError
+from slmforge.io import file_sha256
 from slmforge.model import LlamaModel
-from slmforge.modeldir import save_model_dir
+from slmforge.modeldir import ModelDir, save_model_dir
 from slmforge.stage_config import STRICT, setting
 from slmforge.tokenizer import Tokenizer
+from slmforge.train.kd import DistillConfig
 from slmforge.train.loop import TrainConfig, dist_env, plot_loss_curve, train
 
 
@@ -87,9 +89,21 @@ def pretrain(
     tokenizer: Tokenizer,
     cfg: PretrainConfig,
     resume: bool = True,
+    init: str | Path | None = None,
+    teacher: str | Path | None = None,
+    kd: DistillConfig | None = None,
 ) -> Path:
-    """Train from scratch (or resume) and write out_dir/model. Returns the model directory path."""
+    """Train from scratch (or resume) and write out_dir/model. Returns the model directory path.
+
+    init: start from this model directory's weights instead of a fresh init (model_config is then its
+      config; continued pretraining, healing a pruned model). teacher (+ kd): distil from this model
+      directory as well (train/distill.py)."""
     data_dir, out = Path(data_dir), Path(out_dir)
+    init_md = ModelDir.open(init) if init is not None else None
+    if init_md is not None:
+        model_config = init_md.config
+        if init_md.load_tokenizer().fingerprint() != tokenizer.fingerprint():
+            raise SlmforgeError(f"{init_md.path}: its tokenizer is not the one the data was packed with")
     index = read_index(data_dir)
     train_cfg = cfg.train_config(index["splits"]["train"]["tokens"])
     fp = tokenizer.fingerprint()
@@ -110,26 +124,40 @@ def pretrain(
                             f"window of seq_len + 1 = {T + 1}; use more data or a shorter seq_len")
     rank, world, _ = dist_env()
 
-    model = LlamaModel(model_config)
-    model.reset_parameters(seed=train_cfg.seed)  # same init on every rank and every run
+    if init_md is not None:
+        model = init_md.load_model().train()
+    else:
+        model = LlamaModel(model_config)
+        model.reset_parameters(seed=train_cfg.seed)  # same init on every rank and every run
+    loss_fn, distill_info = None, None
+    if teacher is not None:
+        from slmforge.train.distill import lm_teacher_loss
+
+        batches = {"data_index_sha256": file_sha256(data_dir / "index.json"), "seed": train_cfg.seed,
+                   "batch_size": bs, "seq_len": T}
+        loss_fn, distill_info = lm_teacher_loss(teacher, tokenizer, kd or DistillConfig(), batches)
 
     def get_batch(i: int):
-        return train_split.get_batch(i, bs, T, seed=train_cfg.seed)
+        x, y = train_split.get_batch(i, bs, T, seed=train_cfg.seed)
+        return (x, y, torch.tensor(i)) if loss_fn is not None else (x, y)  # a top-k cache reads batch i
 
     def eval_batches():
         return val_split.iter_eval_batches(bs, T, train_cfg.eval_batches, rank=rank, world_size=world)
 
     result = train(model, get_batch, train_cfg, out, eval_batches if len(val_split) >= 2 else None,
-                   resume=resume)
+                   loss_fn=loss_fn, resume=resume)
     model_dir = out / "model"
     if rank != 0:
         return model_dir
     val = result.val_loss
     meta = {
-        "stage": "pretrain",
+        "stage": "distill" if teacher is not None else "pretrain",
+        "init": {"path": str(init_md.path.resolve()), "stage": init_md.meta.get("stage"),
+                 "params": init_md.config.n_params} if init_md is not None else None,
+        "distill": distill_info,
         "data": {
             "dir": str(data_dir.resolve()),
-            "index_sha256": hashlib.sha256((data_dir / "index.json").read_bytes()).hexdigest()[:16],
+            "index_sha256": file_sha256(data_dir / "index.json"),
             "tokenizer_fingerprint": index["tokenizer_fingerprint"],
             "documents": index["documents"],
             "train_tokens": index["splits"]["train"]["tokens"],
@@ -150,5 +178,5 @@ def pretrain(
     }
     save_model_dir(model_dir, model, tokenizer, meta)
     plot_loss_curve(out / "metrics.jsonl", out / "loss_curve.png",
-                    title=f"pretrain {model_config.n_params / 1e6:.2f}M params")
+                    title=f"{meta['stage']} {model_config.n_params / 1e6:.2f}M params")
     return model_dir

@@ -1,0 +1,75 @@
+"""CLI commands that make a model smaller: `slmforge distill pretrain|finetune`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from slmforge.errors import SlmforgeError
+from slmforge.stage_config import options_from
+from slmforge.train.finetune import FinetuneConfig
+from slmforge.train.kd import DistillConfig
+from slmforge.train.pretrain import PretrainConfig
+
+distill_app = typer.Typer(no_args_is_help=True, help="Train a student with a teacher's output distribution "
+                                                     "(knowledge distillation).")
+
+
+@distill_app.command("pretrain")
+@options_from(DistillConfig, name="kd")
+@options_from(PretrainConfig)
+def distill_pretrain(
+    cfg: PretrainConfig,
+    kd: DistillConfig,
+    teacher: Annotated[Path, typer.Option(help="Teacher model directory (same tokenizer as the data).")],
+    data: Annotated[Path, typer.Option(help="Packed token folder (slmforge pack).")],
+    out: Annotated[Path, typer.Option(help="Run folder: metrics, checkpoints, model/.")],
+    preset: Annotated[str | None, typer.Option(help="Student size preset (a fresh student).")] = None,
+    init: Annotated[Path | None, typer.Option(help="Student model directory to start from (e.g. a pruned model "
+                                                   "to heal).")] = None,
+    ctx: Annotated[int | None, typer.Option(help="Context length of a preset student (default: the teacher's).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from out/checkpoints/last.pt if present.")] = True,
+) -> None:
+    """Language-model distillation on packed tokens: a fresh student (--preset) or an existing one (--init)."""
+    from slmforge.config import preset as make_preset
+    from slmforge.modeldir import ModelDir
+    from slmforge.train.pretrain import pretrain as run_pretrain
+
+    if (preset is None) == (init is None):
+        raise SlmforgeError("distill pretrain: give the student as --preset (fresh) or --init (a model directory)")
+    t = ModelDir.open(teacher)
+    tok = t.load_tokenizer()
+    model_cfg = None
+    if preset is not None:
+        model_cfg = make_preset(preset, vocab_size=tok.vocab_size,
+                                max_position_embeddings=ctx or t.config.max_position_embeddings)
+    model_dir = run_pretrain(data, out, model_cfg, tok, cfg, resume=resume, init=init, teacher=teacher, kd=kd)
+    typer.echo(f"wrote {model_dir}")
+
+
+@distill_app.command("finetune")
+@options_from(DistillConfig, name="kd")
+@options_from(FinetuneConfig)
+def distill_finetune(
+    cfg: FinetuneConfig,
+    kd: DistillConfig,
+    teacher: Annotated[Path, typer.Option(help="Teacher model directory: fine-tuned for the same task (a classifier "
+                                               "or tagger head for those), same tokenizer as the student.")],
+    model: Annotated[Path, typer.Option(help="Student model directory to start from.")],
+    data: Annotated[Path, typer.Option(help="Training data: JSONL, CSV or TSV, as for finetune.")],
+    out: Annotated[Path, typer.Option(help="Run folder: metrics, checkpoints, model/.")],
+    val: Annotated[Path | None, typer.Option(help="Validation data (default: --val-fraction of train).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from out/checkpoints/last.pt if present.")] = True,
+) -> None:
+    """Task distillation: fine-tune a student on task data with the teacher's outputs in the loss."""
+    from slmforge.train.finetune import finetune as run_finetune
+
+    summary = run_finetune(model, data, out, cfg, val_path=val, resume=resume, teacher=teacher, kd=kd)
+    m = summary["metrics"]
+    parts = [f"{m['total_params']:,} params (teacher {summary['distill']['teacher_params']:,})", f"{m['steps']} steps"]
+    for name in ("val_loss", "val_accuracy", "val_macro_f1", "val_tag_f1"):
+        if m.get(name) is not None:
+            parts.append(f"{name.replace('_', ' ')} {m[name]:.4f}")
+    typer.echo(f"wrote {', '.join(summary['outputs'].values())} · " + " · ".join(parts))
