@@ -38,11 +38,12 @@ app.command()(predict)
 app.command("eval-task")(eval_task)
 app.command()(run)
 
-from slmforge.cli_compress import distill_app  # noqa: E402 - distillation and compression
+from slmforge.cli_compress import distill_app, quantize  # noqa: E402 - distillation and compression
 from slmforge.cli_eval import eval_app  # noqa: E402 - bits per byte on real text
 
 app.add_typer(eval_app, name="eval")
 app.add_typer(distill_app, name="distill")
+app.command()(quantize)
 
 
 def _load(model_dir: Path, dtype: str = "float32"):
@@ -421,7 +422,8 @@ app.add_typer(export_app, name="export")
 def export_gguf_cmd(
     model: Annotated[Path, typer.Argument(help="Model directory.")],
     out: Annotated[Path, typer.Argument(help="GGUF file to write (for llama.cpp, Ollama).")],
-    type: Annotated[str, typer.Option("--type", help="Weight type: f32, f16 or q8_0.")] = "f16",
+    type: Annotated[str, typer.Option("--type", help="Weight type: f32, f16, q8_0 or q4_0 (a quantized "
+                                                             "directory: its own weights as q8_0/q4_0).")] = "f16",
 ) -> None:
     """Write a GGUF v3 file (llama architecture, tokenizer and chat template included)."""
     from slmforge.convert.gguf import export_gguf

@@ -1,4 +1,4 @@
-"""CLI commands that make a model smaller: `slmforge distill pretrain|finetune`."""
+"""CLI commands that make a model smaller: `slmforge distill pretrain|finetune`, `slmforge quantize`."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from slmforge.compress.quantize import QuantizeConfig
 from slmforge.errors import SlmforgeError
 from slmforge.stage_config import options_from
 from slmforge.train.finetune import FinetuneConfig
@@ -73,3 +74,18 @@ def distill_finetune(
         if m.get(name) is not None:
             parts.append(f"{name.replace('_', ' ')} {m[name]:.4f}")
     typer.echo(f"wrote {', '.join(summary['outputs'].values())} · " + " · ".join(parts))
+
+
+@options_from(QuantizeConfig)
+def quantize(
+    cfg: QuantizeConfig,
+    model: Annotated[Path, typer.Argument(help="Model directory to quantize.")],
+    out: Annotated[Path, typer.Argument(help="Quantized model directory to write.")],
+) -> None:
+    """Weight-only int8 (per channel) or int4 (groups of 32) for CPU decoding; serve, generate and predict load
+    the result like any model directory, and `export gguf --type q8_0|q4_0` writes the same weights for llama.cpp."""
+    from slmforge.compress.quantize import QUANT_FILE, quantize_dir
+
+    path = quantize_dir(model, out, cfg)
+    size = (path / QUANT_FILE).stat().st_size
+    typer.echo(f"wrote {path} ({cfg.bits}-bit weights: {size / 1e6:.2f} MB in {QUANT_FILE})")

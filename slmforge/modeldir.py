@@ -59,6 +59,10 @@ class ModelDir:
         model = LlamaModel(self.config)
         state = load_safetensors(self.path / "model.safetensors")
         load_state(model, state, source=str(self.path / "model.safetensors"))
+        if self.meta.get("quantization"):  # the integer weights the decode fast path multiplies by
+            from slmforge.compress.quantize import QUANT_FILE, attach_quant
+
+            attach_quant(model, self.path / QUANT_FILE, self.meta["quantization"])
         model = model.to(device=device, dtype=dtype) if dtype else model.to(device)
         return model.eval()
 
@@ -105,8 +109,10 @@ def save_model_dir(
     meta: dict | None = None,
     dtype: str = "float32",
     generation: dict | None = None,
+    extra=None,
 ) -> Path:
-    """Write a complete model directory atomically (replacing any previous one at `out`)."""
+    """Write a complete model directory atomically (replacing any previous one at `out`); extra(tmp) may
+    write more files into it (a classifier head, quantized weights) before it is swapped into place."""
     out = Path(out)
     if dtype not in _DTYPES:
         raise SlmforgeError(f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPES)}")
@@ -131,6 +137,8 @@ def save_model_dir(
                      "params": cfg.n_params, "tokenizer_fingerprint": tokenizer.fingerprint()}
         full_meta.update(meta or {})
         write_json(tmp / "slmforge.json", full_meta)
+        if extra is not None:
+            extra(tmp)
 
     return write_dir_atomically(out, fill)
 

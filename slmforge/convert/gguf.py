@@ -14,9 +14,10 @@ RoPE layout: our weights are in HF's rotate-half layout (dims i and i + d/2 rota
 `llama` architecture rotates adjacent pairs (2i, 2i+1), so q/k rows are permuted per head exactly as
 llama.cpp's convert_hf_to_gguf.py does (`LlamaModel.permute`); `qwen2` uses rotate-half (NEOX) as is.
 
-Types: f32, f16 (1-D norms and biases stay f32, as llama.cpp's converter keeps them) and q8_0 (blocks of
+Types: f32, f16 (1-D norms and biases stay f32, as llama.cpp's converter keeps them), q8_0 and q4_0 (blocks of
 32 along each row; a matrix whose rows are not a multiple of 32 long falls back to f16, again as the
-converter does).
+converter does). A directory made by `slmforge quantize` exports its own integers and scales as q8_0 (int8)
+or q4_0 (int4), block for block, so llama.cpp runs the weights our engine runs.
 """
 
 from __future__ import annotations
@@ -42,7 +43,13 @@ TYPES = {  # --type: (the type of large matrices, the file type recorded in the 
     "f32": (Q.F32, gguf.LlamaFileType.ALL_F32),
     "f16": (Q.F16, gguf.LlamaFileType.MOSTLY_F16),
     "q8_0": (Q.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+    "q4_0": (Q.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0),
 }
+# a quantized directory (compress/quantize.py) exports its own integers and scales in this type
+EXACT_TYPE = {8: "q8_0", 4: "q4_0"}
+GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+              "mlp.down_proj": "ffn_down"}
 SPM_SPACE = "\u2581"
 
 
@@ -111,11 +118,50 @@ def gguf_tensors(cfg: ModelConfig, state: dict[str, torch.Tensor], arch: str) ->
     return {k: v.contiguous().numpy() for k, v in out.items()}
 
 
+def gguf_name(hf: str, cfg: ModelConfig) -> str:
+    if hf == "lm_head":
+        return "token_embd.weight" if cfg.tie_word_embeddings else "output.weight"
+    _, _, i, rest = hf.split(".", 3)
+    return f"blk.{i}.{GGUF_NAMES[rest]}.weight"
+
+
+def quantized_blocks(cfg: ModelConfig, state: dict[str, torch.Tensor], md: ModelDir, arch: str) -> dict[str, np.ndarray]:
+    """A quantized directory's integers and scales as GGUF Q8_0 / Q4_0 blocks (so llama.cpp multiplies by the
+    very weights our engine does): int8's per-row scale is every block's d; int4 is Q4_0 already."""
+    from slmforge.compress.quantize import GROUP, QUANT_FILE
+
+    info = md.meta["quantization"]
+    qstate = load_safetensors(md.path / QUANT_FILE)
+    model_names = sorted({k.rsplit(".", 1)[0] for k in qstate})
+    ints, scales = dict(state), dict(state)  # gguf_tensors maps and permutes them like the weights
+    for hf in model_names:
+        q, s = qstate[f"{hf}.qweight"], qstate[f"{hf}.scales"]
+        key = "model.embed_tokens.weight" if hf == "lm_head" and cfg.tie_word_embeddings else f"{hf}.weight"
+        ints[key] = q.float()
+        scales[key] = s[:, None].expand(-1, q.shape[1] // GROUP) if info["bits"] == 8 else s
+    ints, scales = gguf_tensors(cfg, ints, arch), gguf_tensors(cfg, scales, arch)
+    out = {}
+    for hf in model_names:
+        name = gguf_name(hf, cfg)
+        q, d = ints[name], scales[name].astype(np.float16)  # exact: the scales are fp16 values
+        rows, n = q.shape
+        if n % GROUP:  # no GGUF block fits: written from the dequantized weights (encode_tensor)
+            continue
+        d = d.reshape(rows, n // GROUP, 1).view(np.uint8)  # (rows, blocks, 2 bytes)
+        if info["bits"] == 8:
+            body = q.astype(np.int8).reshape(rows, n // GROUP, GROUP).view(np.uint8)
+        else:
+            nib = q.astype(np.uint8).reshape(rows, n // GROUP, 2, GROUP // 2)
+            body = nib[:, :, 0] | (nib[:, :, 1] << 4)  # byte j: value j (low nibble), value j + 16 (high)
+        out[name] = np.concatenate([d, body], axis=-1).reshape(rows, -1)
+    return out
+
+
 def encode_tensor(data: np.ndarray, qtype: Q) -> tuple[np.ndarray, Q]:
     """(bytes or floats to write, the type they are in): 1-D stays f32, q8_0 needs rows of 32k values."""
     if data.ndim == 1 or qtype == Q.F32:
         return data.astype(np.float32), Q.F32
-    if qtype == Q.Q8_0 and data.shape[-1] % gguf.GGML_QUANT_SIZES[Q.Q8_0][0] != 0:
+    if qtype in (Q.Q8_0, Q.Q4_0) and data.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0] != 0:
         qtype = Q.F16
     return gguf.quants.quantize(data, qtype), qtype
 
@@ -178,6 +224,14 @@ def export_gguf(model_dir: str | Path, out: str | Path, type: str = "f16") -> Pa
     state = load_safetensors(md.path / "model.safetensors")
     arch = choose_arch(cfg, state)
     tensors = gguf_tensors(cfg, state, arch)
+    quant = md.meta.get("quantization")
+    exact = {}
+    if quant:
+        if type != EXACT_TYPE[quant["bits"]] and type not in ("f32", "f16"):
+            raise SlmforgeError(f"{md.path}: {quant['bits']}-bit weights export exactly as {EXACT_TYPE[quant['bits']]} "
+                                f"(or as f32/f16); {type} would quantize them a second time")
+        if type == EXACT_TYPE[quant["bits"]]:
+            exact = quantized_blocks(cfg, state, md, arch)
     vocab = gguf_vocab(tok, cfg.vocab_size)
     qtype, file_type = TYPES[type]
 
@@ -230,7 +284,7 @@ def export_gguf(model_dir: str | Path, out: str | Path, type: str = "f16") -> Pa
             w.add_chat_template(tok.chat_template)
 
         for name, data in tensors.items():
-            encoded, raw_type = encode_tensor(data, qtype)
+            encoded, raw_type = (exact[name], qtype) if name in exact else encode_tensor(data, qtype)
             w.add_tensor(name, encoded, raw_dtype=raw_type if raw_type not in (Q.F32, Q.F16) else None)
         w.write_header_to_file()
         w.write_kv_data_to_file()

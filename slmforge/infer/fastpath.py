@@ -60,7 +60,8 @@ def _(x: torch.Tensor, wt: torch.Tensor, handle: int) -> torch.Tensor:
 class Proj(nn.Module):
     """y = x @ w.T + b for x (B, in), with w stored for the fastest backend at batch size `batch`."""
 
-    def __init__(self, w: torch.Tensor, b: torch.Tensor | None, batch: int, backends: tuple[str, ...]):
+    def __init__(self, w: torch.Tensor, b: torch.Tensor | None, batch: int, backends: tuple[str, ...],
+                 quant=None):
         super().__init__()
         self.register_buffer("wt", w.t().contiguous())  # (in, out)
         self.register_buffer("b", None if b is None else b.detach().clone())
@@ -68,12 +69,23 @@ class Proj(nn.Module):
         self.batch = batch
         self.kind, self.packed = "mm", None
         self.handle = next(_handles)
+        self.quant = quant  # compress.quantize.QuantWeight: w is its dequantized self; int kernels compete
+        if quant is not None and w.device.type == "cpu" and b is None:
+            backends = (*backends, f"int{quant.bits}")
         if w.device.type == "cpu" and len(backends) > 1:
             _packed[self.handle] = self
             self.kind = self._pick(backends)
             self.packed = self._pack(self.kind)
 
-    def _pack(self, kind: str) -> torch.Tensor | None:
+    def _pack(self, kind: str):
+        if kind == "int8":
+            return self.quant.q, self.quant.scale.to(torch.bfloat16)
+        if kind == "int4":
+            q, d = self.quant.q, self.quant.scale  # (out, in) 0..15, (out, in/32)
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+            # the kernel computes (q - 8) * scale + zero; Q4_0 has no zero
+            scales_zeros = torch.stack([d.t(), torch.zeros_like(d.t())], dim=-1).to(torch.bfloat16).contiguous()
+            return packed, scales_zeros
         if kind == "mkldnn":
             return torch.ops.mkldnn._reorder_linear_weight(self.w, self.batch)
         if kind == "mkl":
@@ -81,15 +93,15 @@ class Proj(nn.Module):
         return None
 
     def _pick(self, backends: tuple[str, ...]) -> str:
-        key = (*self.wt.shape, self.batch, self.wt.dtype, self.b is not None)
+        key = (*self.wt.shape, self.batch, self.wt.dtype, self.b is not None, self.quant.bits if self.quant else 0)
         if key not in _choices:
             x = torch.randn(self.batch, self.wt.shape[0], dtype=self.wt.dtype)
             best = (float("inf"), "mm")
             for kind in backends:
-                self.kind, self.packed = kind, self._pack(kind)
                 try:
+                    self.kind, self.packed = kind, self._pack(kind)
                     t = _time(lambda: self(x))  # noqa: B023 (called right here)
-                except RuntimeError:  # a backend without a kernel for this dtype
+                except RuntimeError:  # a backend without a kernel for this dtype or shape
                     continue
                 best = min(best, (t, kind))
             _choices[key] = best[1]
@@ -101,6 +113,13 @@ class Proj(nn.Module):
         return x @ self.wt if self.b is None else torch.addmm(self.b, x, self.wt)
 
     def packed_mm(self, x: torch.Tensor) -> torch.Tensor:
+        # the integer kernels take bf16 activations (their fp32 paths are ~10x slower)
+        if self.kind == "int8":
+            q, scale = self.packed
+            return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), q, scale).to(x.dtype)
+        if self.kind == "int4":
+            packed, scales_zeros = self.packed
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), packed, 32, scales_zeros).to(x.dtype)
         if self.kind == "mkldnn":
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.b, "none", [], "")
         if self.kind == "mkl":
@@ -125,10 +144,20 @@ class Layer(nn.Module):
         self.register_buffer("ln1", block.input_layernorm.weight.detach())
         self.register_buffer("ln2", block.post_attention_layernorm.weight.detach())
         bias = None if a.q_proj.bias is None else torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
-        self.qkv = Proj(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).detach(), bias, batch, backends)
-        self.o = Proj(a.o_proj.weight.detach(), a.o_proj.bias, batch, backends)
-        self.gate_up = Proj(torch.cat([m.gate_proj.weight, m.up_proj.weight]).detach(), None, batch, backends)
-        self.down = Proj(m.down_proj.weight.detach(), None, batch, backends)
+        self.qkv = Proj(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).detach(), bias, batch, backends,
+                        _quant_of(a.q_proj, a.k_proj, a.v_proj))
+        self.o = Proj(a.o_proj.weight.detach(), a.o_proj.bias, batch, backends, _quant_of(a.o_proj))
+        self.gate_up = Proj(torch.cat([m.gate_proj.weight, m.up_proj.weight]).detach(), None, batch, backends,
+                            _quant_of(m.gate_proj, m.up_proj))
+        self.down = Proj(m.down_proj.weight.detach(), None, batch, backends, _quant_of(m.down_proj))
+
+
+def _quant_of(*linears: nn.Module):
+    """The quantized weight of these linears stacked by rows (None unless every one is quantized)."""
+    quants = [getattr(lin, "quant", None) for lin in linears]
+    if any(q is None for q in quants):
+        return None
+    return quants[0] if len(quants) == 1 else type(quants[0]).cat(quants)
 
 
 def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -187,7 +216,7 @@ class DecodeModel(nn.Module):
         self.register_buffer("arange", torch.arange(cfg.max_position_embeddings, device=self.embed.device))
         self.layers = nn.ModuleList(Layer(b, batch, backends) for b in model.model.layers)
         self.register_buffer("norm", model.model.norm.weight.detach())
-        self.lm_head = Proj(model.lm_head.weight.detach(), None, batch, backends)
+        self.lm_head = Proj(model.lm_head.weight.detach(), None, batch, backends, _quant_of(model.lm_head))
         self._compiled = None
 
     def forward(self, tokens: torch.Tensor, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
