@@ -38,12 +38,13 @@ app.command()(predict)
 app.command("eval-task")(eval_task)
 app.command()(run)
 
-from slmforge.cli_compress import distill_app, quantize  # noqa: E402 - distillation and compression
+from slmforge.cli_compress import distill_app, prune, quantize  # noqa: E402 - distillation and compression
 from slmforge.cli_eval import eval_app  # noqa: E402 - bits per byte on real text
 
 app.add_typer(eval_app, name="eval")
 app.add_typer(distill_app, name="distill")
 app.command()(quantize)
+app.command()(prune)
 
 
 def _load(model_dir: Path, dtype: str = "float32"):

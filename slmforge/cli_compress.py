@@ -1,4 +1,4 @@
-"""CLI commands that make a model smaller: `slmforge distill pretrain|finetune`, `slmforge quantize`."""
+"""CLI commands that make a model smaller: `slmforge distill pretrain|finetune`, `prune`, `quantize`."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from slmforge.compress.prune import PruneConfig
 from slmforge.compress.quantize import QuantizeConfig
 from slmforge.errors import SlmforgeError
 from slmforge.stage_config import options_from
@@ -89,3 +90,20 @@ def quantize(
     path = quantize_dir(model, out, cfg)
     size = (path / QUANT_FILE).stat().st_size
     typer.echo(f"wrote {path} ({cfg.bits}-bit weights: {size / 1e6:.2f} MB in {QUANT_FILE})")
+
+
+@options_from(PruneConfig)
+def prune(
+    cfg: PruneConfig,
+    model: Annotated[Path, typer.Argument(help="Model directory to prune.")],
+    out: Annotated[Path, typer.Argument(help="Pruned model directory to write.")],
+    data: Annotated[Path, typer.Option(help="Packed tokens (same tokenizer) to rank structures on.")],
+) -> None:
+    """Structured pruning (MLP neurons, kv groups, embedding channels, layers) by activation importance; heal the
+    result with `slmforge distill pretrain --init OUT --teacher MODEL`."""
+    from slmforge.compress.prune import prune_dir
+    from slmforge.modeldir import ModelDir
+
+    path = prune_dir(model, data, out, cfg)
+    p = ModelDir.open(path).meta["prune"]
+    typer.echo(f"wrote {path} ({p['params']:,} params, {p['params_pct']}% of the original)")

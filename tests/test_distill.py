@@ -185,3 +185,41 @@ def test_classifier_distillation_and_cli(world, tmp_path):
     r = CliRunner().invoke(app, ["distill", "pretrain", "--teacher", str(teacher), "--data", str(root / "packed"),
                                  "--out", str(tmp_path / "x")])
     assert r.exit_code != 0 and "--preset (fresh) or --init" in str(r.exception)
+
+
+def test_prune_keeps_a_valid_model_and_healing_distils_it(world, tmp_path):
+    from slmforge.compress.prune import PruneConfig, prune_dir
+
+    root, tok, teacher = world
+    calib = dict(batches=2, batch_size=4, seq_len=32)
+    same = prune_dir(teacher, root / "packed", tmp_path / "same", PruneConfig(**calib))
+    x = torch.randint(0, 300, (2, 16))
+    t_model = ModelDir.open(teacher).load_model()
+    assert torch.allclose(ModelDir.open(same).load_model()(x)[0], t_model(x)[0], atol=1e-5)  # keep all: same model
+
+    cut = prune_dir(teacher, root / "packed", tmp_path / "cut",
+                    PruneConfig(mlp=0.5, heads=0.5, hidden=0.75, layers=1, multiple_of=4, **calib))
+    md = ModelDir.open(cut)
+    c = md.config
+    assert (c.num_hidden_layers, c.num_key_value_heads, c.num_attention_heads) == (1, 1, 2)
+    assert c.hidden_size == 24 and c.intermediate_size == 44 and c.head_dim == TINY_LLAMA["hidden_size"] // 4
+    assert md.meta["prune"]["params_pct"] < 60
+    before = md.load_model()(x)[0]
+    assert torch.isfinite(before).all()
+
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(cut).eval()
+    with torch.no_grad():
+        assert torch.allclose(hf(x).logits, before, atol=1e-4)
+
+    # heal: distil from the uncut model, starting from the cut one
+    healed = pretrain(root / "packed", tmp_path / "heal", None, tok, PretrainConfig(max_steps=20, **FAST), init=cut,
+                      teacher=teacher)
+    meta = ModelDir.open(healed).meta
+    assert meta["init"]["path"] == str(cut.resolve()) and meta["stage"] == "distill"
+    assert ModelDir.open(healed).config.hidden_size == 24
+    from slmforge.data.pack import TokenShards
+
+    xv, yv = next(TokenShards(root / "packed", "val").iter_eval_batches(8, 32, 1))
+    loss = [ModelDir.open(d).load_model()(xv, yv)[1].item() for d in (cut, healed)]
+    assert loss[1] < loss[0]
