@@ -11,6 +11,7 @@ argmax of the logits (greedy). Several sequences go through the same batch API l
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -34,7 +35,11 @@ class LlamaCpp:
         logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # llama.cpp's load chatter
         self.ll = ll
         ll.llama_backend_init()
-        self.model = ll.llama_model_load_from_file(str(gguf).encode(), ll.llama_model_default_params())
+        mp = ll.llama_model_default_params()
+        # SLMFORGE_LLAMA_CPP_REPACK=0: no weight repacking (the AMX/AVX-512 repacked Q8_0/Q4_0 paths of some builds
+        # crash on this machine's CPU; see benchmarks/results/compress.json's env)
+        mp.use_extra_bufts = os.environ.get("SLMFORGE_LLAMA_CPP_REPACK", "1") != "0"
+        self.model = ll.llama_model_load_from_file(str(gguf).encode(), mp)
         if not self.model:
             raise RuntimeError(f"llama.cpp could not load {gguf}")
         p = ll.llama_context_default_params()

@@ -70,12 +70,15 @@ class Proj(nn.Module):
         self.kind, self.packed = "mm", None
         self.handle = next(_handles)
         self.quant = quant  # compress.quantize.QuantWeight: w is its dequantized self; int kernels compete
-        if quant is not None and w.device.type == "cpu" and b is None:
+        # torch's int8/int4 CPU kernels crash (not raise) on row counts that are not a multiple of 16
+        if quant is not None and w.device.type == "cpu" and b is None and w.shape[0] % 16 == 0:
             backends = (*backends, f"int{quant.bits}")
         if w.device.type == "cpu" and len(backends) > 1:
             _packed[self.handle] = self
             self.kind = self._pick(backends)
             self.packed = self._pack(self.kind)
+            if self.kind.startswith("int"):  # the integers serve: drop the dense copies (wt keeps the shape)
+                self.wt, self.w = self.wt.new_empty(0, self.wt.shape[1]), None
 
     def _pack(self, kind: str):
         if kind == "int8":
