@@ -27,6 +27,17 @@ def small_corpus(n: int = 300, seed: int = 0) -> list[str]:
                      for _ in range(rng.randint(2, 6))) for _ in range(n)]
 
 
+def classify_rows(n: int, seed: int = 0) -> list[dict]:
+    """The label word is in the text: learnable by a tiny model in a few dozen steps."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        label = rng.choice(["cat", "dog"])
+        words = [rng.choice(["Tom", "Lily", "saw", "the", "big"]) for _ in range(4)]
+        rows.append({"text": " ".join(words + [label, "."] + words[:2]), "label": label})
+    return rows
+
+
 TINY_LLAMA = dict(vocab_size=320, hidden_size=32, intermediate_size=86, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=64)
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from conftest import TINY_LLAMA, small_corpus
+from conftest import TINY_LLAMA, classify_rows, small_corpus
 from slmforge.config import ModelConfig
 from slmforge.data.pack import pack_tokens
 from slmforge.errors import ConfigError, SlmforgeError
@@ -143,23 +143,11 @@ def test_a_teacher_with_another_tokenizer_is_refused_before_training(world, tmp_
     assert not (tmp_path / "run" / "model").exists()
 
 
-def _classify_rows(n, seed=0):
-    import random
-
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        label = rng.choice(["cat", "dog"])
-        words = [rng.choice(["Tom", "Lily", "saw", "the", "big"]) for _ in range(4)]
-        rows.append({"text": " ".join(words + [label, "."] + words[:2]), "label": label})
-    return rows
-
-
 def test_classifier_distillation_and_cli(world, tmp_path):
     root, tok, teacher = world
     train_f, val_f = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
-    train_f.write_text("".join(json.dumps(r) + "\n" for r in _classify_rows(300)))
-    val_f.write_text("".join(json.dumps(r) + "\n" for r in _classify_rows(60, seed=1)))
+    train_f.write_text("".join(json.dumps(r) + "\n" for r in classify_rows(300)))
+    val_f.write_text("".join(json.dumps(r) + "\n" for r in classify_rows(60, seed=1)))
     ft = dict(task="classify", head="classifier", max_steps=40, eval_every=20, batch_size=16, seq_len=32, lr=3e-3,
               threads=1, progress=False, ckpt_every=0)
     t_run = finetune(teacher, train_f, tmp_path / "teacher_cls", FinetuneConfig(**ft), val_path=val_f)

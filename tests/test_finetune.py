@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 import slmforge.train.finetune as ft
 import slmforge.train.heads as ft_heads
 import slmforge.train.rows as ft_rows
-from conftest import TINY_LLAMA, save_tiny_llama
+from conftest import TINY_LLAMA, classify_rows, save_tiny_llama
 from slmforge.config import ModelConfig
 from slmforge.errors import SlmforgeError
 from slmforge.model import LlamaModel
@@ -37,17 +37,6 @@ def base_dir(tmp_path_factory):
 def _jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
-
-
-def _classify_rows(n, seed=0):
-    """The label word is in the text: learnable by a tiny model in a few dozen steps."""
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        label = rng.choice(["cat", "dog"])
-        words = [rng.choice(["Tom", "Lily", "saw", "the", "big"]) for _ in range(4)]
-        rows.append({"text": " ".join(words + [label, "."] + words[:2]), "label": label})
-    return rows
 
 
 def _lm_rows(n, seed=0):
@@ -98,15 +87,15 @@ def test_masks_cover_exactly_the_answer(base_dir):
 
 
 def test_classifier_head_learns_saves_and_predicts(tmp_path, base_dir):
-    train_f = _jsonl(tmp_path / "train.jsonl", _classify_rows(300))
-    val_f = _jsonl(tmp_path / "val.jsonl", _classify_rows(60, seed=1))
+    train_f = _jsonl(tmp_path / "train.jsonl", classify_rows(300))
+    val_f = _jsonl(tmp_path / "val.jsonl", classify_rows(60, seed=1))
     s = finetune(base_dir, train_f, tmp_path / "run", FinetuneConfig(task="classify", head="classifier", max_steps=40, eval_every=20, **FAST), val_path=val_f)
     assert s["metrics"]["val_accuracy"] > 0.9  # chance is 0.5
     model_dir = tmp_path / "run" / "model"
     meta = ModelDir.open(model_dir).meta
     assert meta["classifier"]["labels"] == ["cat", "dog"] and (model_dir / ft_heads.HEAD_FILE).is_file()
     assert meta["parent"]["path"] == str(base_dir.resolve()) and len(meta["data"]["train_sha256"]) == 16
-    rows = _classify_rows(20, seed=2)
+    rows = classify_rows(20, seed=2)
     preds = predict_labels(model_dir, [r["text"] for r in rows])
     assert sum(p == r["label"] for p, r in zip(preds, rows, strict=True)) >= 18
 
@@ -124,10 +113,10 @@ def test_balanced_class_weights_and_macro_f1_selection(tmp_path, base_dir):
         FinetuneConfig(task="classify", head="generative", class_weights="balanced")
 
     # 1 in 8 examples is a dog: balanced weights and macro-F1 selection still learn both classes
-    rows = [r for r in _classify_rows(900) if r["label"] == "cat"][:350]
-    rows += [r for r in _classify_rows(900, seed=3) if r["label"] == "dog"][:50]
+    rows = [r for r in classify_rows(900) if r["label"] == "cat"][:350]
+    rows += [r for r in classify_rows(900, seed=3) if r["label"] == "dog"][:50]
     random.Random(0).shuffle(rows)
-    val_f = _jsonl(tmp_path / "val.jsonl", _classify_rows(60, seed=1))
+    val_f = _jsonl(tmp_path / "val.jsonl", classify_rows(60, seed=1))
     cfg = FinetuneConfig(task="classify", head="classifier", class_weights="balanced", select_metric="macro_f1")
     s = finetune(base_dir, _jsonl(tmp_path / "train.jsonl", rows), tmp_path / "run", replace(cfg, max_steps=40, eval_every=20, **FAST), val_path=val_f)
     assert s["metrics"]["val_macro_f1"] > 0.85
@@ -306,7 +295,7 @@ def test_resume_after_interrupt_reproduces_losses(tmp_path, base_dir, monkeypatc
 def test_cli_finetune_lora_classify_and_merge(tmp_path, base_dir):
     from slmforge.cli import app
 
-    train_f = _jsonl(tmp_path / "train.jsonl", _classify_rows(200))
+    train_f = _jsonl(tmp_path / "train.jsonl", classify_rows(200))
     r = CliRunner().invoke(app, ["finetune", "--model", str(base_dir), "--data", str(train_f), "--out",
                                  str(tmp_path / "run"), "--task", "classify", "--head", "classifier", "--mode",
                                  "lora", "--lora-r", "4", "--lora-targets", "q_proj,k_proj,v_proj,o_proj",

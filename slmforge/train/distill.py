@@ -17,7 +17,6 @@ later runs on the same batches (same data, seed, batch_size, seq_len) read it in
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +27,14 @@ from slmforge.errors import SlmforgeError
 from slmforge.io import file_sha256, read_json, write_json
 from slmforge.modeldir import ModelDir
 from slmforge.tokenizer import Tokenizer
-from slmforge.train.kd import DistillConfig, classifier_kd_loss, lm_kd_loss, tagger_kd_loss, teacher_topk
+from slmforge.train.kd import (
+    DistillConfig,
+    classifier_kd_loss,
+    lm_kd_loss,
+    tagger_kd_loss,
+    teacher_on,
+    teacher_topk,
+)
 
 CACHE_FORMAT = 1
 
@@ -152,9 +158,7 @@ class TopKCache:
             self._open(i + 1)
         if not self.filled[i]:
             with torch.no_grad():
-                if next(teacher.parameters()).device != x.device:
-                    teacher.to(x.device)
-                values, indices = teacher_topk(teacher(x)[0][..., :vocab], self.row[2])
+                values, indices = teacher_topk(teacher_on(teacher, x.device)(x)[0][..., :vocab], self.row[2])
             self.values[i] = values.cpu().numpy().astype(np.float16)
             self.indices[i] = indices.cpu().numpy()
             self.values.flush()
@@ -169,10 +173,3 @@ class TopKCache:
     def filled_batches(self) -> int:
         return int(np.asarray(self.filled).sum()) if self.n else 0
 
-
-def describe_cache(folder: str | Path) -> dict:
-    folder = Path(folder)
-    meta = read_json(folder / "cache.json")
-    filled = folder / "filled.u8"
-    n = int(np.fromfile(filled, np.uint8).sum()) if filled.exists() else 0
-    return {"key": meta["key"], "batches": n, "bytes_on_disk": sum(os.stat(p).st_blocks * 512 for p in folder.iterdir())}

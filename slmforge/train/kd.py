@@ -93,14 +93,14 @@ def _mix(kd: torch.Tensor, ce: torch.Tensor, cfg: DistillConfig) -> torch.Tensor
     return cfg.alpha * kd + (1 - cfg.alpha) * ce
 
 
-def _teacher_on(teacher: nn.Module, device: torch.device) -> nn.Module:
+def teacher_on(teacher: nn.Module, device: torch.device) -> nn.Module:
+    """The teacher, moved to the student's device the first time (train() moves only the student)."""
     if next(teacher.parameters()).device != device:
         teacher.to(device)
     return teacher
 
 
-# A function (i, x, device) -> (values, indices) of the teacher's top-k at micro-batch i, or None to use the
-# teacher's logits directly (see TopKCache.lookup)
+# (i, x) -> (values, indices): the teacher's top-k logits for micro-batch i (TopKCache.lookup)
 TopKSource = Callable[[int, torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
 
 
@@ -122,7 +122,7 @@ def lm_kd_loss(teacher: nn.Module, cfg: DistillConfig, vocab: int, topk_source: 
                                  indices.reshape(-1, indices.shape[-1])[keep], cfg)
         else:
             with torch.no_grad():
-                t_logits = _teacher_on(teacher, x.device)(x)[0][..., :vocab].reshape(-1, vocab)[keep]
+                t_logits = teacher_on(teacher, x.device)(x)[0][..., :vocab].reshape(-1, vocab)[keep]
             if cfg.top_k:
                 values, indices = teacher_topk(t_logits, cfg.top_k)
                 kd = topk_divergence(student, values, indices, cfg)
@@ -144,7 +144,7 @@ def classifier_kd_loss(teacher: nn.Module, cfg: DistillConfig):
         if not model.training:
             return ce
         with torch.no_grad():
-            t_logits = _teacher_on(teacher, batch["x"].device)(batch["x"], batch["last"])
+            t_logits = teacher_on(teacher, batch["x"].device)(batch["x"], batch["last"])
         return _mix(divergence(logits, t_logits, cfg).mean(), ce, cfg)
 
     return loss
@@ -162,7 +162,7 @@ def tagger_kd_loss(teacher: nn.Module, cfg: DistillConfig, ignore: int = -100):
             return ce
         keep = tags != ignore
         with torch.no_grad():
-            t_logits = _teacher_on(teacher, batch["x"].device)(batch["x"]).flatten(0, 1)
+            t_logits = teacher_on(teacher, batch["x"].device)(batch["x"]).flatten(0, 1)
         return _mix(divergence(logits[keep], t_logits[keep], cfg).mean(), ce, cfg)
 
     return loss

@@ -105,6 +105,7 @@ def pretrain(
         if init_md.load_tokenizer().fingerprint() != tokenizer.fingerprint():
             raise SlmforgeError(f"{init_md.path}: its tokenizer is not the one the data was packed with")
     index = read_index(data_dir)
+    index_sha = file_sha256(data_dir / "index.json")
     train_cfg = cfg.train_config(index["splits"]["train"]["tokens"])
     fp = tokenizer.fingerprint()
     if index.get("tokenizer_fingerprint") != fp:
@@ -133,7 +134,7 @@ def pretrain(
     if teacher is not None:
         from slmforge.train.distill import lm_teacher_loss
 
-        batches = {"data_index_sha256": file_sha256(data_dir / "index.json"), "seed": train_cfg.seed,
+        batches = {"data_index_sha256": index_sha, "seed": train_cfg.seed,
                    "batch_size": bs, "seq_len": T}
         loss_fn, distill_info = lm_teacher_loss(teacher, tokenizer, kd or DistillConfig(), batches)
 
@@ -157,7 +158,7 @@ def pretrain(
         "distill": distill_info,
         "data": {
             "dir": str(data_dir.resolve()),
-            "index_sha256": file_sha256(data_dir / "index.json"),
+            "index_sha256": index_sha,
             "tokenizer_fingerprint": index["tokenizer_fingerprint"],
             "documents": index["documents"],
             "train_tokens": index["splits"]["train"]["tokens"],
