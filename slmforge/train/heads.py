@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from slmforge.errors import SlmforgeError
-from slmforge.io import write_dir_atomically
 from slmforge.model import LlamaModel
 from slmforge.modeldir import ModelDir, save_model_dir
 from slmforge.tokenizer import Tokenizer
@@ -310,9 +309,5 @@ def merge_lora(model_dir: str | Path, adapter_dir: str | Path, out_dir: str | Pa
 
 def save_with_head(out: Path, lm: LlamaModel, tok: Tokenizer, head: nn.Linear | None, meta: dict, dtype: str,
                 head_file: str = HEAD_FILE) -> Path:
-    def write(d: Path) -> None:
-        save_model_dir(d, lm, tok, meta, dtype=dtype)
-        if head is not None:
-            save_head(head, d / head_file)
-
-    return write_dir_atomically(out, write)
+    return save_model_dir(out, lm, tok, meta, dtype=dtype,
+                          extra=None if head is None else lambda d: save_head(head, d / head_file))
