@@ -38,13 +38,14 @@ app.command()(predict)
 app.command("eval-task")(eval_task)
 app.command()(run)
 
-from slmforge.cli_compress import distill_app, prune, quantize  # noqa: E402 - distillation and compression
+from slmforge.cli_compress import compress_cmd, distill_app, prune, quantize  # noqa: E402 - distillation and compression
 from slmforge.cli_eval import eval_app  # noqa: E402 - bits per byte on real text
 
 app.add_typer(eval_app, name="eval")
 app.add_typer(distill_app, name="distill")
 app.command()(quantize)
 app.command()(prune)
+app.command("compress")(compress_cmd)
 
 
 def _load(model_dir: Path, dtype: str = "float32"):
@@ -430,6 +431,19 @@ def export_gguf_cmd(
     from slmforge.convert.gguf import export_gguf
 
     path = export_gguf(model, out, type)
+    typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+
+
+@export_app.command("onnx")
+def export_onnx_cmd(
+    model: Annotated[Path, typer.Argument(help="Model directory.")],
+    out: Annotated[Path, typer.Argument(help="ONNX file to write (for onnxruntime, optimum, onnxruntime-genai).")],
+    opset: Annotated[int, typer.Option(help="ONNX opset, 18 to 23.")] = 18,
+) -> None:
+    """Write an ONNX graph with the KV cache as inputs and outputs (past_key_values.N.key -> present.N.key)."""
+    from slmforge.convert.onnx import export_onnx
+
+    path = export_onnx(model, out, opset)
     typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
 
 
