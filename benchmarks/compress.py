@@ -14,6 +14,7 @@ int4 = `--bits 4`):
   decode      greedy tokens/s, 16-token prompt, --new tokens, single stream and 16 requests together, our engine
               (eager fast path; compiled too with --compile) and llama.cpp through benchmarks/llama_cpp_bench.py,
               same run, same threads
+  onnxruntime the fp32 model exported by `slmforge export onnx`, decoded greedily with its KV cache (same prompts)
   bits/byte   on 400 paragraphs of real TinyStories text (trained models only), and its change vs fp32
 
 Writes benchmarks/results/compress.json and compress.md.
@@ -22,10 +23,10 @@ Writes benchmarks/results/compress.json and compress.md.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,7 +40,8 @@ import llama_cpp_bench  # noqa: E402 - benchmarks/ is on sys.path when run as a 
 import torch  # noqa: E402
 from decode_speed import best_time, make_model_dirs  # noqa: E402
 
-from slmforge.compress.quantize import QUANT_FILE, QuantizeConfig, quantize_dir
+from slmforge.compress.pipeline import peak_rss_mb
+from slmforge.compress.quantize import QuantizeConfig, quantize_dir, weights_bytes
 from slmforge.convert.gguf import export_gguf
 from slmforge.evaluate.perplexity import judge
 from slmforge.infer.engine import BatchEngine, Request, SamplingParams, run
@@ -50,40 +52,6 @@ REAL = REPO.parent / "shared" / "data" / "tinystories" / "tinystories_valid_part
 OUT = REPO / "benchmarks" / "results" / "compress.json"
 TEACHER = REPO / "runs" / "bench_distill" / "lm" / "teacher" / "model"
 GGUF_TYPE = {"fp32": "f32", "int8": "q8_0", "int4": "q4_0"}
-
-RSS_SCRIPT = """
-import resource, sys, torch
-torch.set_num_threads(int(sys.argv[2]))
-from slmforge.modeldir import ModelDir
-from slmforge.infer.engine import generate_ids, SamplingParams
-m = ModelDir.open(sys.argv[1]).load_model()
-list(generate_ids(m, [1] + list(range(5, 20)), SamplingParams(max_new_tokens=64, temperature=0)))
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
-"""
-
-
-def disk_mb(d: Path, variant: str) -> float:
-    if variant == "fp32":
-        return (d / "model.safetensors").stat().st_size / 1e6
-    # the integers and scales, plus the float tensors the quantized format leaves (norms, untied embeddings)
-    md = ModelDir.open(d)
-    floats = sum(v.numel() * 4 for k, v in md.load_model().state_dict().items()
-                 if not any(k.startswith(n) for n in _quantized_names(d)) and k != "lm_head.weight")
-    return ((d / QUANT_FILE).stat().st_size + floats) / 1e6
-
-
-def _quantized_names(d: Path) -> set[str]:
-    from safetensors import safe_open
-
-    with safe_open(str(d / QUANT_FILE), "pt") as f:
-        names = {k.rsplit(".", 1)[0] for k in f.keys()}  # noqa: SIM118 - safe_open has keys(), not iteration
-    return names | ({"model.embed_tokens"} if "lm_head" in names else set())
-
-
-def peak_rss_mb(d: Path, threads: int) -> float:
-    out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(d), str(threads)], capture_output=True, text=True,
-                         check=True)
-    return int(out.stdout.strip().splitlines()[-1]) / 1024
 
 
 def decode(d: Path, n_new: int, batch: int, repeats: int, threads: int, compile: bool) -> dict:
@@ -117,8 +85,7 @@ def decode(d: Path, n_new: int, batch: int, repeats: int, threads: int, compile:
     row["kernels_single"] = sorted({p.kind for layer in dm.layers for p in (layer.qkv, layer.o, layer.gate_up,
                                                                              layer.down)} | {dm.lm_head.kind})
     if llama_cpp_bench.available():
-        variant = ModelDir.open(d).meta.get("quantization")
-        gtype = GGUF_TYPE["int8" if variant and variant["bits"] == 8 else "int4" if variant else "fp32"]
+        gtype = GGUF_TYPE[variant_of(d)]
         gguf = export_gguf(d, d.parent / f"{d.name}-{gtype}.gguf", gtype)
         single, (ctoks,) = llama_cpp_bench.tokens_per_s(gguf, [prompt], n_new, threads, repeats)
         batched, _ = llama_cpp_bench.tokens_per_s(gguf, batch_prompts, n_new, threads, max(1, repeats - 1))
@@ -128,21 +95,36 @@ def decode(d: Path, n_new: int, batch: int, repeats: int, threads: int, compile:
         if compile:
             row.update(compiled_vs_llama_cpp=row["compiled_tokens_per_s"] / single,
                        compiled_batched_vs_llama_cpp=row["compiled_batched_tokens_per_s"] / batched)
+    if variant_of(d) == "fp32" and importlib.util.find_spec("onnxruntime"):
+        from slmforge.convert.onnx import export_onnx, onnx_tokens_per_s
+
+        onnx = export_onnx(d, d.parent / f"{d.name}.onnx")
+        single, (otoks,) = onnx_tokens_per_s(onnx, [prompt], n_new, threads, repeats)
+        batched, _ = onnx_tokens_per_s(onnx, batch_prompts, n_new, threads, max(1, repeats - 1))
+        row.update(onnxruntime_tokens_per_s=single, onnxruntime_batched_tokens_per_s=batched,
+                   onnxruntime_same_tokens=otoks == toks[0])
     return row
+
+
+def variant_of(d: Path) -> str:
+    q = ModelDir.open(d).meta.get("quantization")
+    return "fp32" if not q else f"int{q['bits']}"
 
 
 def markdown(results: dict) -> str:
     lines = ["| model | variant | disk MB | GGUF MB | peak RSS MB | tok/s x1 | llama.cpp x1 | ratio | tok/s x16 | "
-             "llama.cpp x16 | ratio | compiled x1 / x16 | bits/byte (change) |", "|" + "---|" * 13]
+             "llama.cpp x16 | ratio | onnxruntime x1 / x16 | compiled x1 / x16 | bits/byte (change) |", "|" + "---|" * 14]
     for r in results["rows"]:
         comp = f"{r['compiled_tokens_per_s']:.0f} / {r['compiled_batched_tokens_per_s']:.0f}" \
             if "compiled_tokens_per_s" in r else "-"
+        ort = f"{r['onnxruntime_tokens_per_s']:.0f} / {r['onnxruntime_batched_tokens_per_s']:.0f}" \
+            if "onnxruntime_tokens_per_s" in r else "-"
         bpb = f"{r['bits_per_byte']:.4f} ({r['bits_per_byte_change_pct']:+.2f}%)" if r.get("bits_per_byte") else "-"
         lines.append(f"| {r['model']} | {r['variant']} | {r['disk_mb']:.2f} | {r.get('gguf_mb', 0):.2f} | "
                      f"{r['peak_rss_mb']:.0f} | {r['tokens_per_s']:.0f} | {r.get('llama_cpp_tokens_per_s', 0):.0f} | "
                      f"{r.get('vs_llama_cpp', 0):.2f} | {r['batched_tokens_per_s']:.0f} | "
                      f"{r.get('llama_cpp_batched_tokens_per_s', 0):.0f} | {r.get('batched_vs_llama_cpp', 0):.2f} | "
-                     f"{comp} | {bpb} |")
+                     f"{ort} | {comp} | {bpb} |")
     return "\n".join(lines) + "\n"
 
 
@@ -172,7 +154,7 @@ def main() -> None:
                                                             QuantizeConfig(bits=8 if variant == "int8" else 4))
             t0 = time.perf_counter()
             row = {"model": name, "variant": variant, "params": ModelDir.open(d).config.n_params,
-                   "disk_mb": disk_mb(d, variant), "peak_rss_mb": peak_rss_mb(d, args.threads),
+                   "disk_mb": weights_bytes(d) / 1e6, "peak_rss_mb": peak_rss_mb(d, args.threads),
                    **decode(d, args.new, args.batch, args.repeats, args.threads, args.compile)}
             if trained and REAL.is_file():
                 bpb = judge(d, [REAL], max_docs=400)["files"][0]["bits_per_byte"]

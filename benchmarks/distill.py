@@ -11,6 +11,8 @@ llama2c llama2.c's stories260K (imported; trained on real TinyStories) teaches a
         width (200k preset: 4 layers x 64, 4 heads; stories260K has 5 x 64, 8 heads) on the same stories packed
         with its tokenizer: bits per byte on real TinyStories text with and without KD. The stories are synthetic,
         so this asks whether a real-data teacher carries real-text knowledge into a student trained on synthetic text.
+prune   the lm part's teacher through `slmforge compress` (prune to ~half, heal by distillation, int8; its
+        compression report), and the pruned shape from scratch for the healing's wall-clock time (needs the lm part).
 sst2    the sst2 recipe's shipped model (2.76M, classifier head; runs/recipes/sst2, made by `slmforge run sst2`)
         teaches a 0.60M student (<= 1/4 of its parameters), pretrained on the recipe's training phrases, then
         fine-tuned with a classifier head with and without the teacher's label distribution. Steps and the kept
@@ -28,6 +30,7 @@ import os
 import platform
 import shutil
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -184,7 +187,46 @@ def part_sst2(quick: bool) -> dict:
             "kd_beats_plain_on_test": kd_row["test_accuracy"] > rows[0]["test_accuracy"]}
 
 
-PARTS = {"lm": part_lm, "llama2c": part_llama2c, "sst2": part_sst2}
+def part_prune(quick: bool) -> dict:
+    """The lm part's 4.9M teacher through `slmforge compress` (recipe prune-heal-int8, fewer healing steps):
+    pruned to about half its parameters (MLP neurons, kv groups, embedding channels ranked on calibration
+    batches), healed by distilling from the unpruned model, quantized to int8, with its compression report;
+    then the same pruned shape trained from scratch for the healing's wall-clock time on the same machine
+    (the teacher's forward passes are inside the healing time, so scratch runs more steps)."""
+    from dataclasses import replace
+
+    from slmforge.compress.pipeline import compress, load_compress_recipe
+
+    lm = RUNS / "lm"
+    teacher = lm / "teacher" / "model"
+    if not (teacher / "model.safetensors").is_file():
+        raise SystemExit(f"{teacher}: missing; run the lm part first")
+    root = RUNS / "prune"
+    packed = lm / "packed"
+    cfg = load_compress_recipe("prune-heal-int8")
+    cfg = replace(cfg, heal=replace(cfg.heal, max_steps=5 if quick else 100), judge_docs=40 if quick else 400)
+    if quick:
+        cfg = replace(cfg, prune=replace(cfg.prune, batches=2))
+    report = compress(teacher, packed, root, cfg, [REAL], progress=False)
+    healed_dir = root / "healed" / "model"
+    heal_s = ModelDir.open(healed_dir).meta["metrics"]["train_time_s"]  # training steps only, teacher included
+    p_md = ModelDir.open(root / "pruned")
+    tok = p_md.load_tokenizer()
+    scratch = pretrain(packed, root / "scratch", p_md.config, tok,
+                       PretrainConfig(**{**asdict(cfg.heal), "max_steps": 10_000, "max_minutes": heal_s / 60,
+                                         "lr": 2e-3, "progress": False}))
+    rows = []
+    for name, d in (("pruned + healed (KD from the teacher)", healed_dir), ("same shape from scratch", scratch)):
+        m = ModelDir.open(d).meta["metrics"]
+        rows.append({"run": name, "params": p_md.config.n_params, "steps": m["steps"], "train_tokens": m["train_tokens"],
+                     "val_loss": round(m["val_loss"], 4), "real_bits_per_byte": round(bpb(d, quick), 4),
+                     "train_time_s": m["train_time_s"]})
+    return {"prune": p_md.meta["prune"], "report": report["rows"], "vs_scratch": rows,
+            "healed_val_loss_lower": rows[0]["val_loss"] < rows[1]["val_loss"],
+            "report_files": [str(root / f) for f in ("report.md", "report.json", "report.png")]}
+
+
+PARTS = {"lm": part_lm, "llama2c": part_llama2c, "sst2": part_sst2, "prune": part_prune}
 
 
 def main() -> None:

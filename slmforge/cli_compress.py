@@ -107,3 +107,21 @@ def prune(
     path = prune_dir(model, data, out, cfg)
     p = ModelDir.open(path).meta["prune"]
     typer.echo(f"wrote {path} ({p['params']:,} params, {p['params_pct']}% of the original)")
+
+
+def compress_cmd(
+    model: Annotated[Path, typer.Argument(help="Model directory to compress (the teacher of the healing run).")],
+    data: Annotated[Path, typer.Option(help="Packed tokens (same tokenizer): calibration and healing data.")],
+    out: Annotated[Path, typer.Option(help="Folder for the stages' model directories and the report.")],
+    recipe: Annotated[str | None, typer.Option(help="A compress recipe: a YAML path or a bundled name "
+                                                    "(prune-heal-int8, int4). Default: prune-heal-int8.")] = None,
+    judge_text: Annotated[list[Path] | None, typer.Option(help="Real text files for bits/byte (repeatable).")] = None,
+) -> None:
+    """Prune -> heal by distillation from the original -> quantize, each stage resumable, then the compression
+    report (report.md / .json / .png): params, weights on disk, peak memory, decode tok/s x1 and x16, bits/byte."""
+    from slmforge.compress.pipeline import compress, load_compress_recipe, report_markdown
+
+    cfg = load_compress_recipe(recipe or "prune-heal-int8")
+    report = compress(model, data, out, cfg, judge_text or [])
+    typer.echo(report_markdown(report))
+    typer.echo(f"wrote {out / 'report.md'}, report.json, report.png")

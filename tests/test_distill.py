@@ -211,3 +211,58 @@ def test_prune_keeps_a_valid_model_and_healing_distils_it(world, tmp_path):
     xv, yv = next(TokenShards(root / "packed", "val").iter_eval_batches(8, 32, 1))
     loss = [ModelDir.open(d).load_model()(xv, yv)[1].item() for d in (cut, healed)]
     assert loss[1] < loss[0]
+
+
+def test_compress_pipeline_prunes_heals_quantizes_reports_and_resumes(world, tmp_path):
+    from slmforge.compress.pipeline import CompressConfig, compress, load_compress_recipe
+    from slmforge.compress.prune import PruneConfig
+    from slmforge.compress.quantize import QuantizeConfig
+
+    root, tok, teacher = world
+    judge_text = tmp_path / "real.txt"
+    judge_text.write_text("\n\n".join(small_corpus(20, seed=5)), encoding="utf-8")
+    cfg = CompressConfig(prune=PruneConfig(mlp=0.5, hidden=0.75, batches=2, batch_size=4, seq_len=32, multiple_of=4),
+                         heal=PretrainConfig(max_steps=8, **FAST), kd=DistillConfig(alpha=0.5),
+                         quantize=QuantizeConfig(bits=8), judge_docs=10, decode_tokens=8, decode_batch=2, threads=1)
+    out = tmp_path / "out"
+    report = compress(teacher, root / "packed", out, cfg, [judge_text], progress=False)
+    rows = {r["variant"]: r for r in report["rows"]}
+    assert list(rows) == ["original", "pruned", "healed", "int8"]
+    assert rows["pruned"]["params_vs_original"] < 0.8 and rows["healed"]["params"] == rows["pruned"]["params"]
+    assert rows["int8"]["weights_mb"] < 0.5 * rows["healed"]["weights_mb"]  # integers instead of floats
+    assert rows["healed"]["bits_per_byte"][0]["bits_per_byte"] < rows["pruned"]["bits_per_byte"][0]["bits_per_byte"]
+    assert all(r["tokens_per_s"] > 0 and r["peak_rss_mb"] > 0 for r in rows.values())
+    assert ModelDir.open(out / "quantized").meta["quantization"]["bits"] == 8
+    assert "| int8 |" in (out / "report.md").read_text() and (out / "report.png").stat().st_size > 1000
+    # a rerun finds every stage finished and measured: nothing is redone
+    stamp = (out / "pruned" / "model.safetensors").stat().st_mtime_ns
+    again = compress(teacher, root / "packed", out, cfg, [judge_text], progress=False)
+    assert (out / "pruned" / "model.safetensors").stat().st_mtime_ns == stamp and again["rows"] == report["rows"]
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("prune: {mlp: 0.5}\nquantize: {bits: 3}\n")
+    with pytest.raises(SlmforgeError, match=r"bad.yaml:2"):
+        load_compress_recipe(bad)
+    assert load_compress_recipe("prune-heal-int8").quantize.bits == 8
+    assert load_compress_recipe("int4").prune is None
+
+
+def test_on_policy_batches_distil_on_the_students_own_tokens(world, tmp_path):
+    from slmforge.train.kd import student_continue
+
+    root, tok, teacher = world
+    model = ModelDir.open(teacher).load_model()
+    x = torch.randint(3, 300, (3, 12))
+    torch.manual_seed(0)
+    xs = student_continue(model, x, 6, 300)
+    assert torch.equal(xs[:, :6], x[:, :6]) and not torch.equal(xs[:, 6:], x[:, 6:]) and int(xs.max()) < 300
+    torch.manual_seed(0)
+    assert torch.equal(student_continue(model, x, 6, 300), xs)  # the sampling follows torch's seed
+
+    run = pretrain(root / "packed", tmp_path / "gkd", ModelConfig(**STUDENT), tok, PretrainConfig(max_steps=4, **FAST),
+                   teacher=teacher, kd=DistillConfig(loss="jsd", lmbda=1.0))
+    assert ModelDir.open(run).meta["distill"]["kd"]["lmbda"] == 1.0
+    losses = [r["loss"] for r in read_metrics(tmp_path / "gkd" / "metrics.jsonl") if "loss" in r]
+    assert len(losses) == 4 and all(0 < v < 50 for v in losses)
+    with pytest.raises(ConfigError, match="lmbda"):
+        DistillConfig(lmbda=0.5, top_k=4, cache=str(tmp_path / "c"))

@@ -23,6 +23,7 @@ training, predict) uses the dequantized weights, which are the same numbers.
 
 from __future__ import annotations
 
+import math
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -70,6 +71,9 @@ class QuantWeight:
             return self.q.float() * self.scale[:, None]
         out, n = self.q.shape
         return ((self.q.float().view(out, n // GROUP, GROUP) - 8) * self.scale[..., None]).view(out, n)
+
+    def clone(self) -> QuantWeight:
+        return QuantWeight(self.bits, self.q.clone(), self.scale.clone())
 
     @staticmethod
     def cat(parts: list[QuantWeight]) -> QuantWeight:
@@ -178,3 +182,26 @@ def quantize_dir(src: str | Path, out: str | Path, cfg: QuantizeConfig) -> Path:
                 shutil.copy2(md.path / head, tmp / head)
 
     return save_model_dir(out, model, tok, meta, generation=md.generation_config, extra=extra)
+
+
+def weights_bytes(model_dir: str | Path) -> int:
+    """Bytes of weights a runtime needs: model.safetensors for a float directory; for a quantized one its
+    integers and scales plus the float tensors it leaves (norms, unquantized linears; a tied embedding is
+    covered by the quantized lm_head, as in GGUF). The directory also keeps the dequantized floats in
+    model.safetensors, for transformers; those are not counted here."""
+    from safetensors import safe_open
+
+    d = Path(model_dir)
+    if not (d / QUANT_FILE).is_file():
+        return (d / "model.safetensors").stat().st_size
+    with safe_open(str(d / QUANT_FILE), "pt") as f:
+        quantized = {k.rsplit(".", 1)[0] for k in f.keys()}  # noqa: SIM118 - safe_open has keys(), not iteration
+    if "lm_head" in quantized:
+        quantized.add("model.embed_tokens")
+    floats = 0
+    with safe_open(str(d / "model.safetensors"), "pt") as f:
+        for k in f.keys():  # noqa: SIM118
+            if k.rsplit(".", 1)[0] not in quantized:
+                s = f.get_slice(k)
+                floats += math.prod(s.get_shape()) * 4
+    return (d / QUANT_FILE).stat().st_size + floats

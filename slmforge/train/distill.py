@@ -83,6 +83,8 @@ def task_teacher_loss(task: str, classifier_head: bool, teacher_dir: str | Path,
     info = {"teacher": teacher_key(md), "teacher_params": md.config.n_params, "kd": kd.__dict__.copy()}
     if kd.cache:
         raise SlmforgeError("distill: the top-k cache is for packed-token runs (distill pretrain)")
+    if kd.lmbda:
+        raise SlmforgeError("distill: on-policy batches (lmbda) are for packed-token runs (distill pretrain)")
     if task == "tag":
         teacher, _, _ = load_tagger(md.path)
         return tagger_kd_loss(teacher, kd), info

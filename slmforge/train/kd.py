@@ -20,6 +20,7 @@ with a run without a teacher.
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -44,6 +45,9 @@ class DistillConfig:
     temperature: float = setting(1.0, "Softmax temperature of both distributions (the term is scaled by T^2).")
     beta: float = setting(0.5, "jsd: the mixture weight of the teacher (0 ~ forward KL, 1 ~ reverse KL).")
     top_k: int | None = setting(None, "Distil over the teacher's k likeliest tokens only (default: all).")
+    lmbda: float = setting(0.0, "On-policy share (GKD's lambda): this share of training batches is continued by the "
+                                "student from half-way (sampled at temperature 1) and the teacher term is taken on "
+                                "the student's own tokens (no data term on those batches).")
     cache: str | None = setting(None, "pretrain: a folder caching the teacher's top-k logits, filled as training "
                                       "reads batches and reused by later runs on the same batches (needs top_k).")
 
@@ -55,6 +59,9 @@ class DistillConfig:
             (0 < self.beta < 1, "beta must be in (0, 1) (use forward_kl or reverse_kl for the ends)"),
             (self.top_k is None or self.top_k >= 2, "top_k must be >= 2"),
             (self.cache is None or self.top_k is not None, "cache needs top_k (it stores the top-k logits)"),
+            (0 <= self.lmbda <= 1, "lmbda must be in [0, 1]"),
+            (not (self.lmbda and self.cache), "lmbda (on-policy) and cache exclude each other: the teacher scores "
+                                              "tokens the student samples, which no cache holds"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -108,9 +115,12 @@ def lm_kd_loss(teacher: nn.Module, cfg: DistillConfig, vocab: int, topk_source: 
     """Token-level distillation for batches (x, y[, i]) or {"x", "y"}: the teacher term over positions with a
     target (y != -100), over the tokenizer's `vocab` (model vocabularies may be padded differently)."""
     teacher.eval().requires_grad_(False)
+    coin = random.Random(0)  # which batches are on-policy: the same ones in every run with the same settings
 
     def loss(model: nn.Module, batch) -> torch.Tensor:
         x, y = (batch["x"], batch["y"]) if isinstance(batch, dict) else (batch[0], batch[1])
+        if model.training and cfg.lmbda and coin.random() < cfg.lmbda:
+            return on_policy_loss(model, teacher, x, cfg, vocab)
         logits, ce = model(x, y)
         if not model.training:
             return ce
@@ -131,6 +141,42 @@ def lm_kd_loss(teacher: nn.Module, cfg: DistillConfig, vocab: int, topk_source: 
         return _mix(kd.mean() if kd.numel() else ce * 0, ce, cfg)
 
     return loss
+
+
+@torch.no_grad()
+def student_continue(model: nn.Module, x: torch.Tensor, start: int, vocab: int) -> torch.Tensor:
+    """x (B, T) with positions start.. replaced by the student's own samples (temperature 1, KV cache)."""
+    from slmforge.model import KVCache
+
+    was_training = model.training
+    model.eval()
+    B, T = x.shape
+    cache = KVCache(model.config, B, T, device=x.device, dtype=next(model.parameters()).dtype)
+    out = x.clone()
+    logits, _ = model(out[:, :start], cache=cache, pos=0, last_only=True)
+    for t in range(start, T):
+        probs = logits[:, -1, :vocab].float().softmax(-1)
+        out[:, t] = torch.multinomial(probs, 1)[:, 0]
+        if t + 1 < T:
+            logits, _ = model(out[:, t:t + 1], cache=cache, pos=t)
+    model.train(was_training)
+    return out
+
+
+def on_policy_loss(model: nn.Module, teacher: nn.Module, x: torch.Tensor, cfg: DistillConfig,
+                   vocab: int) -> torch.Tensor:
+    """GKD's on-policy term: the student continues each sequence from half-way, both models score the
+    student's tokens, and the divergence is taken where the student chose the next token."""
+    start = max(1, x.shape[1] // 2)
+    xs = student_continue(getattr(model, "module", model), x, start, vocab)  # DDP: sample on the local copy
+    logits, _ = model(xs)
+    student = logits[:, start - 1:, :vocab].reshape(-1, vocab)
+    with torch.no_grad():
+        t_logits = teacher_on(teacher, x.device)(xs)[0][:, start - 1:, :vocab].reshape(-1, vocab)
+    if cfg.top_k:
+        values, indices = teacher_topk(t_logits, cfg.top_k)
+        return topk_divergence(student, values, indices, cfg).mean()
+    return divergence(student, t_logits, cfg).mean()
 
 
 def classifier_kd_loss(teacher: nn.Module, cfg: DistillConfig):
