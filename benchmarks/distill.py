@@ -12,7 +12,7 @@ llama2c llama2.c's stories260K (imported; trained on real TinyStories) teaches a
         with its tokenizer: bits per byte on real TinyStories text with and without KD. The stories are synthetic,
         so this asks whether a real-data teacher carries real-text knowledge into a student trained on synthetic text.
 prune   the lm part's teacher through `slmforge compress` (prune to ~half, heal by distillation, int8; its
-        compression report), and the pruned shape from scratch for the healing's wall-clock time (needs the lm part).
+        compression report), and the pruned shape from scratch for the healing's wall-clock time (trains the lm part's teacher if missing).
 sst2    the sst2 recipe's shipped model (2.76M, classifier head; runs/recipes/sst2, made by `slmforge run sst2`)
         teaches a 0.60M student (<= 1/4 of its parameters), pretrained on the recipe's training phrases, then
         fine-tuned with a classifier head with and without the teacher's label distribution. Steps and the kept
@@ -81,7 +81,8 @@ def run_student(name: str, root: Path, packed: Path, cfg: ModelConfig | None, to
             "train_s": round(time.perf_counter() - t, 1), "model": str(model_dir)}
 
 
-def part_lm(quick: bool) -> dict:
+def lm_teacher(quick: bool):
+    """The lm part's corpus, tokenizer, packed data and 5M teacher (each made once, reused when there)."""
     root = RUNS / "lm"
     root.mkdir(parents=True, exist_ok=True)
     text = stories(root, 2000 if quick else 20_000)
@@ -100,10 +101,21 @@ def part_lm(quick: bool) -> dict:
     t_steps, s_steps = (20, 10) if quick else (400, 300)
     teacher_cfg = preset("5m", vocab_size=tok.vocab_size, max_position_embeddings=256)
     t0 = time.perf_counter()
-    teacher = pretrain(packed, root / "teacher", teacher_cfg, tok, PretrainConfig(max_steps=t_steps, **common))
+    teacher = root / "teacher" / "model"
+    if not (teacher / "model.safetensors").is_file():
+        teacher = pretrain(packed, root / "teacher", teacher_cfg, tok, PretrainConfig(max_steps=t_steps, **common))
+    return dict(root=root, tok=tok, packed=packed, teacher=teacher, teacher_cfg=teacher_cfg, common=common,
+                t_steps=t_steps, s_steps=s_steps, train_s=time.perf_counter() - t0)
+
+
+def part_lm(quick: bool) -> dict:
+    t = lm_teacher(quick)
+    root, tok, packed, teacher, teacher_cfg, common = (t[k] for k in ("root", "tok", "packed", "teacher",
+                                                                     "teacher_cfg", "common"))
+    t_steps, s_steps, train_s = t["t_steps"], t["s_steps"], t["train_s"]
     teacher_row = {"run": "teacher", "params": teacher_cfg.n_params, "steps": t_steps,
                    "val_loss": round(ModelDir.open(teacher).meta["metrics"]["val_loss"], 4),
-                   "real_bits_per_byte": round(bpb(teacher, quick), 4), "train_s": round(time.perf_counter() - t0, 1)}
+                   "real_bits_per_byte": round(bpb(teacher, quick), 4), "train_s": round(train_s, 1)}
     student_cfg = preset("1m", vocab_size=tok.vocab_size, max_position_embeddings=256)
     pcfg = PretrainConfig(max_steps=s_steps, **common)
     plain = run_student("student_plain", root, packed, student_cfg, tok, pcfg, None, None, quick)
@@ -197,12 +209,9 @@ def part_prune(quick: bool) -> dict:
 
     from slmforge.compress.pipeline import compress, load_compress_recipe
 
-    lm = RUNS / "lm"
-    teacher = lm / "teacher" / "model"
-    if not (teacher / "model.safetensors").is_file():
-        raise SystemExit(f"{teacher}: missing; run the lm part first")
+    t = lm_teacher(quick)  # the lm part's teacher, trained here if that part has not run
+    packed, teacher = t["packed"], t["teacher"]
     root = RUNS / "prune"
-    packed = lm / "packed"
     cfg = load_compress_recipe("prune-heal-int8")
     cfg = replace(cfg, heal=replace(cfg.heal, max_steps=5 if quick else 100), judge_docs=40 if quick else 400)
     if quick:

@@ -1,4 +1,4 @@
-"""CLI commands that make a model smaller: `slmforge distill pretrain|finetune`, `prune`, `quantize`."""
+"""CLI commands that make a model smaller: `slmforge distill pretrain|finetune|generate`, `prune`, `quantize`."""
 
 from __future__ import annotations
 
@@ -11,12 +11,13 @@ from slmforge.compress.prune import PruneConfig
 from slmforge.compress.quantize import QuantizeConfig
 from slmforge.errors import SlmforgeError
 from slmforge.stage_config import options_from
+from slmforge.train.distill import SeqDistillConfig
 from slmforge.train.finetune import FinetuneConfig
 from slmforge.train.kd import DistillConfig
 from slmforge.train.pretrain import PretrainConfig
 
 distill_app = typer.Typer(no_args_is_help=True, help="Train a student with a teacher's output distribution "
-                                                     "(knowledge distillation).")
+                                                     "(knowledge distillation), or on its answers (generate).")
 
 
 @distill_app.command("pretrain")
@@ -75,6 +76,20 @@ def distill_finetune(
         if m.get(name) is not None:
             parts.append(f"{name.replace('_', ' ')} {m[name]:.4f}")
     typer.echo(f"wrote {', '.join(summary['outputs'].values())} · " + " · ".join(parts))
+
+
+@distill_app.command("generate")
+@options_from(SeqDistillConfig)
+def distill_generate(cfg: SeqDistillConfig) -> None:
+    """Sequence-level distillation: the teacher (any LM spec, any tokenizer) answers each prompt; the answers are
+    written as rows for `slmforge finetune` (prompt/completion, chat messages, or text/label with --labels).
+    Re-running resumes."""
+    from slmforge.train.distill import generate_targets
+
+    s = generate_targets(cfg)
+    typer.echo(f"wrote {cfg.out} · {s['rows']:,} rows ({s['generated']:,} new, {s['skipped']:,} already there, "
+               f"{s['failed']:,} failed, {s['empty']:,} empty, {s['dropped']:,} naming no label) · "
+               f"{s['seconds']:,.1f} s · next: slmforge finetune --task {s['task']} --data {cfg.out} ...")
 
 
 @options_from(QuantizeConfig)

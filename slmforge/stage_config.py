@@ -218,7 +218,10 @@ def options_from(cls: type, exclude: tuple[str, ...] = (), name: str = "cfg") ->
                 default = ",".join(map(str, default))
             import typer
 
-            flags = (f"--{f.name.replace('_', '-')}", *f.metadata.get("aliases", ()))
+            flag = f"--{f.name.replace('_', '-')}"
+            if hints[f.name] is bool:  # both ways: a default of True must be able to go off (--no-progress)
+                flag = f"{flag}/--no-{flag[2:]}"
+            flags = (flag, *f.metadata.get("aliases", ()))
             option = typer.Option(*flags, help=f.metadata.get("help", ""))
             params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
                                             annotation=Annotated[_cli_type(hints[f.name]), option]))

@@ -147,7 +147,8 @@ def test_engine_stop_ids_strings_and_cancel(sharp_model, tiny_tokenizer):
     assert full[i:i + 2] not in want and len(want) < len(full)
     engine = BatchEngine(sharp_model, tok, max_batch=2)
     a = engine.add(Request(tok.encode("Lily", bos=True), stop_p, stop_ids=tok.stop_ids))
-    b = engine.add(Request(tok.encode("Tom", bos=True), SamplingParams(max_new_tokens=30), stop_ids=tok.stop_ids))
+    # no stop ids for b: its sampled tokens cannot end it, only the cancel can (as c, it stops on length alone)
+    b = engine.add(Request(tok.encode("Tom", bos=True), SamplingParams(max_new_tokens=30, seed=1)))
     c = engine.add(Request(tok.encode("Sam", bos=True), SamplingParams(max_new_tokens=5, temperature=0)))
     first = engine.step()
     engine.cancel(b)  # a client went away: its slot goes to the waiting request

@@ -35,11 +35,11 @@ def test_the_cli_and_the_yaml_build_the_same_config(tmp_path, monkeypatch):
         "metrics": {"trainable_params": 1, "trainable_pct": 1.0, "steps": 1}, "outputs": {}})
     args = ["finetune", "--model", "m", "--data", "d.jsonl", "--out", "o", "--mode", "lora", "--lr", "0.003",
             "--lora-targets", "q_proj,k_proj", "--steps", "7", "--minutes", "2.5", "--merge", "--labels", "a,b",
-            "--task", "classify"]
+            "--task", "classify", "--no-progress"]  # a bool defaulting to True turns off as --no-NAME
     r = CliRunner().invoke(cli.app, args)
     assert r.exit_code == 0, r.output
     (tmp_path / "ft.yaml").write_text("mode: lora\nlr: 0.003\nlora_targets: [q_proj, k_proj]\nmax_steps: 7\n"
-                                      "max_minutes: 2.5\nmerge: true\nlabels: [a, b]\ntask: classify\n")
+                                      "max_minutes: 2.5\nmerge: true\nlabels: [a, b]\ntask: classify\nprogress: false\n")
     from_yaml = build(FinetuneConfig, read_yaml(tmp_path / "ft.yaml"), tmp_path / "ft.yaml")
     assert seen == [from_yaml]
     assert from_yaml.peak_lr == 0.003 and FinetuneConfig(mode="lora").peak_lr == 1e-3 and FinetuneConfig().peak_lr == 2e-5
