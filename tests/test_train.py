@@ -358,3 +358,20 @@ def test_ddp_two_processes_on_cpu(tmp_path, corpus):
     assert sum("val_loss" in x for x in rows) == 2
     md = ModelDir.open(tmp_path / "o" / "model")
     assert md.meta["metrics"]["train_tokens"] == rows[-1]["tokens"]
+
+
+def test_auto_precision_is_bf16_only_where_the_hardware_has_it(monkeypatch):
+    from slmforge.train import loop
+
+    assert loop.resolve_precision("fp32", "cpu") == "fp32" and loop.resolve_precision("bf16", "cpu") == "bf16"
+    monkeypatch.setattr(loop, "cpu_has_bf16", lambda: False)  # an AVX2 CPU: emulated bf16 is ~100x slower
+    assert loop.resolve_precision("auto", "cpu") == "fp32"
+    assert PretrainConfig(max_steps=1).train_config(10_000).precision == ("bf16" if torch.cuda.is_available()
+                                                                           and torch.cuda.is_bf16_supported()
+                                                                           else "fp32")
+    monkeypatch.setattr(loop, "cpu_has_bf16", lambda: True)
+    assert loop.resolve_precision("auto", "cpu") == "bf16"
+    # this machine's answer agrees with its CPU flags
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    monkeypatch.undo()
+    assert loop.cpu_has_bf16() == ("avx512_bf16" in flags or "amx_bf16" in flags)

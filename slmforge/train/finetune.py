@@ -60,7 +60,7 @@ from slmforge.train.heads import (
     trainable_model,
 )
 from slmforge.train.kd import DistillConfig
-from slmforge.train.loop import TrainConfig, read_metrics, train
+from slmforge.train.loop import TrainConfig, read_metrics, resolve_precision, train
 from slmforge.train.rows import (
     CLASSIFY_PROMPT,
     TAGS,
@@ -125,7 +125,8 @@ class FinetuneConfig:
     patience: int = setting(0, "Stop after this many evaluations without improvement (0: never).")
     ckpt_every: int = setting(100, "Steps between checkpoints (0: at the end only).")
     log_every: int = setting(10, "Steps between metric rows.")
-    precision: str = setting("bf16", "bf16 (autocast) or fp32.")
+    precision: str = setting("auto", "bf16 (autocast), fp32, or auto: bf16 where the hardware has bf16 "
+                                     "arithmetic (CUDA, AVX512-BF16/AMX CPUs), else fp32.")
     seed: int = setting(0, "Seed for data order, validation split and adapter/head init.")
     device: str = setting("auto", "auto, cpu, cuda, cuda:N.")
     threads: int | None = setting(None, "torch threads (default: torch's).")
@@ -185,7 +186,7 @@ def train_config(cfg: FinetuneConfig, n_train: int, has_val: bool) -> TrainConfi
     return TrainConfig(
         max_steps=steps, max_minutes=cfg.max_minutes, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
         seq_len=cfg.seq_len, lr=lr, min_lr=lr / 10 if cfg.min_lr is None else cfg.min_lr,
-        warmup_fraction=cfg.warmup_fraction, weight_decay=cfg.weight_decay, precision=cfg.precision,
+        warmup_fraction=cfg.warmup_fraction, weight_decay=cfg.weight_decay, precision=resolve_precision(cfg.precision, cfg.device),
         eval_every=cfg.eval_every, ckpt_every=cfg.ckpt_every, log_every=cfg.log_every, patience=cfg.patience,
         best_metric=metric if has_val else None, best_mode=mode, seed=cfg.seed, device=cfg.device,
         threads=cfg.threads, progress=cfg.progress, force_resume=cfg.force_resume)
@@ -235,7 +236,7 @@ def finetune(
 
     # Model: full or LoRA, with or without a classifier or tagger head.
     torch.manual_seed(cfg.seed)  # LoRA and head initialisation
-    lm, model = trainable_model(md.load_model().train(), cfg, labels, cfg.precision)
+    lm, model = trainable_model(md.load_model().train(), cfg, labels, resolve_precision(cfg.precision, cfg.device))
     trainable, total = count_params(model)
     loss_fn, distill_info = loss_fn_of(cfg), None
     if teacher is not None:

@@ -30,6 +30,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import statistics
 import threading
@@ -53,7 +54,7 @@ LossFn = Callable[[nn.Module, Batch], torch.Tensor]
 OnEval = Callable[[int, float], "dict[str, float] | None"]
 
 SCHEDULES = ("cosine", "wsd", "constant")
-PRECISIONS = ("bf16", "fp32")
+PRECISIONS = ("auto", "bf16", "fp32")
 WSD_DECAY_FRACTION = 0.2  # warmup-stable-decay: the last 20% of steps decay to min_lr
 BUDGET_PROBE_STEPS = 8  # steps timed for max_minutes: the first 2 warm up, the lower quartile of the rest counts
 STEP_OVERHEAD = 1.05  # logging and checkpoints on top of the timed step
@@ -78,7 +79,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0 disables clipping (the norm is still logged)
-    precision: str = "bf16"  # bf16 = autocast to bfloat16; weights and optimizer stay fp32
+    precision: str = "auto"  # bf16 = autocast to bfloat16 (weights and optimizer stay fp32); auto: see resolve_precision
     compile: bool = False
     eval_every: int = 200  # 0: only at the end
     eval_batches: int = 20
@@ -182,6 +183,27 @@ def default_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
 def dist_env() -> tuple[int, int, int]:
     """(rank, world_size, local_rank) as set by torchrun; (0, 1, 0) otherwise."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bf16 dot-product instructions (AVX512-BF16 or AMX). Without them oneDNN emulates
+    bf16 matmuls: 0.9 GFLOP/s against fp32's 92 on a 2-core AVX2 EPYC (measured), a 25x slower training step."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:  # not Linux: assume none (fp32 is never the slow choice there)
+        return False
+    return re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) is not None
+
+
+def resolve_precision(precision: str, device: str | torch.device) -> str:
+    """auto -> bf16 where the hardware computes in bf16 (a CUDA GPU that supports it, a CPU with AVX512-BF16
+    or AMX), else fp32. An explicit bf16 or fp32 is kept."""
+    if precision != "auto":
+        return precision
+    kind = torch.device(device).type if str(device) != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if kind == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if kind == "cpu" and cpu_has_bf16() else "fp32"
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -344,6 +366,7 @@ def train(
     device = resolve_device(cfg.device, local_rank)
     if device.type == "cpu" and cfg.keep_freed_memory:
         keep_freed_memory()
+    cfg = replace(cfg, precision=resolve_precision(cfg.precision, device))
     if cfg.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise SlmforgeError("this GPU has no bfloat16 support; use precision fp32")
     own_group = world > 1 and not dist.is_initialized()

@@ -23,7 +23,7 @@ from slmforge.modeldir import ModelDir, save_model_dir
 from slmforge.stage_config import STRICT, setting
 from slmforge.tokenizer import Tokenizer
 from slmforge.train.kd import DistillConfig
-from slmforge.train.loop import TrainConfig, dist_env, plot_loss_curve, train
+from slmforge.train.loop import TrainConfig, dist_env, plot_loss_curve, resolve_precision, train
 
 
 @with_config(STRICT)
@@ -48,7 +48,8 @@ class PretrainConfig:
     schedule: str = setting("cosine", "cosine, wsd or constant.")
     weight_decay: float = setting(0.1, "AdamW weight decay.")
     grad_clip: float = setting(1.0, "Gradient norm clip (0: off).")
-    precision: str = setting("bf16", "bf16 (autocast, CPU and GPU) or fp32.")
+    precision: str = setting("auto", "bf16 (autocast, CPU and GPU), fp32, or auto: bf16 where the hardware has "
+                                     "bf16 arithmetic (CUDA, AVX512-BF16/AMX CPUs), else fp32.")
     compile: bool = setting(False, "torch.compile the model.")
     eval_every: int = setting(200, "Steps between val-loss evaluations (0: at the end only).")
     eval_batches: int = setting(20, "Batches per evaluation.")
@@ -77,7 +78,7 @@ class PretrainConfig:
             warmup_steps=self.warmup_steps or 0,
             warmup_fraction=self.warmup_fraction if self.warmup_steps is None else None,
             schedule=self.schedule, weight_decay=self.weight_decay, grad_clip=self.grad_clip,
-            precision=self.precision, compile=self.compile, eval_every=self.eval_every,
+            precision=resolve_precision(self.precision, self.device), compile=self.compile, eval_every=self.eval_every,
             eval_batches=self.eval_batches, ckpt_every=self.ckpt_every, log_every=self.log_every, seed=self.seed,
             device=self.device, threads=self.threads, progress=self.progress, force_resume=self.force_resume)
 
