@@ -231,6 +231,9 @@ def test_compress_pipeline_prunes_heals_quantizes_reports_and_resumes(world, tmp
     assert rows["pruned"]["params_vs_original"] < 0.8 and rows["healed"]["params"] == rows["pruned"]["params"]
     assert rows["int8"]["weights_mb"] < 0.5 * rows["healed"]["weights_mb"]  # integers instead of floats
     assert rows["healed"]["bits_per_byte"][0]["bits_per_byte"] < rows["pruned"]["bits_per_byte"][0]["bits_per_byte"]
+    # the task metric: healing lowers the pruned model's val loss; int8 changes it by little
+    assert rows["healed"]["val_loss"] < rows["pruned"]["val_loss"] and abs(rows["int8"]["val_loss_change_pct"]
+                                                                           - rows["healed"]["val_loss_change_pct"]) < 2
     assert all(r["tokens_per_s"] > 0 and r["peak_rss_mb"] > 0 for r in rows.values())
     assert ModelDir.open(out / "quantized").meta["quantization"]["bits"] == 8
     assert "| int8 |" in (out / "report.md").read_text() and (out / "report.png").stat().st_size > 1000

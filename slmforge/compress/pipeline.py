@@ -52,6 +52,8 @@ class CompressConfig:
     decode_tokens: int = setting(64, "Tokens generated per stream when timing decode.")
     decode_batch: int = setting(16, "Streams decoded together for the batched figure.")
     threads: int = setting(2, "Threads for the decode timing and the memory figure.")
+    val_batches: int = setting(20, "Batches (8 x 256 tokens) of the packed data's validation split scored for "
+                                   "each variant's val loss, the LM's task metric (0: none).")
 
 
 def load_compress_recipe(name_or_path: str | Path | None) -> CompressConfig:
@@ -115,7 +117,8 @@ def compress(model: str | Path, data: str | Path, out: str | Path, cfg: Compress
     # a rerun measures only what changed: a variant whose weights and measuring settings are as in the
     # last report keeps its row
     settings = {"judge_text": [str(f) for f in judge_text], "judge_docs": cfg.judge_docs, "threads": cfg.threads,
-                "decode_tokens": cfg.decode_tokens, "decode_batch": cfg.decode_batch}
+                "decode_tokens": cfg.decode_tokens, "decode_batch": cfg.decode_batch, "data": str(data),
+                "val_batches": cfg.val_batches}
     last = read_json(out / "report.json") if (out / "report.json").is_file() else {}
     kept = {r["model"]: r for r in last.get("rows", []) if last.get("measured_with") == settings}
     rows = []
@@ -125,11 +128,13 @@ def compress(model: str | Path, data: str | Path, out: str | Path, cfg: Compress
             rows.append({k: v for k, v in kept[str(d)].items() if not k.endswith("_vs_original")})
             continue
         _say(progress, f"measuring {name} ({d})")
-        rows.append({"variant": name, "model": str(d), "weights_sha256": sha, **measure(d, cfg, judge_text)})
+        rows.append({"variant": name, "model": str(d), "weights_sha256": sha, **measure(d, cfg, judge_text, data)})
     base = rows[0]
     for r in rows:
         for k in ("params", "weights_mb", "peak_rss_mb", "tokens_per_s", "batched_tokens_per_s"):
             r[f"{k}_vs_original"] = round(r[k] / base[k], 4)
+        if r.get("val_loss") is not None and base.get("val_loss") is not None:
+            r["val_loss_change_pct"] = round(100 * (r["val_loss"] / base["val_loss"] - 1), 2)
         for i, f in enumerate(r["bits_per_byte"]):
             f["change_pct"] = round(100 * (f["bits_per_byte"] / base["bits_per_byte"][i]["bits_per_byte"] - 1), 2)
     report = {"model": str(src.path), "data": str(data), "config": asdict(cfg), "measured_with": settings, "rows": rows,
@@ -196,7 +201,26 @@ def decode_tokens_per_s(model_dir: str | Path, n_new: int, batch: int, threads: 
         return timed([prompt]), timed([prompt[:8 + i % 8] for i in range(batch)])
 
 
-def measure(model_dir: str | Path, cfg: CompressConfig, judge_text: list[str | Path]) -> dict:
+def data_val_loss(model_dir: str | Path, data: str | Path, batches: int, batch_size: int = 8,
+                  seq_len: int = 256) -> float | None:
+    """Mean next-token loss on the first `batches` fixed windows of the packed data's val split (the windows
+    pretraining evaluates on); None without a val split. A quantized directory is scored through its
+    dequantized floats: the same weights its int kernels multiply."""
+    from slmforge.data.pack import TokenShards
+
+    val = TokenShards(data, "val")
+    md = ModelDir.open(model_dir)
+    seq_len = min(seq_len, md.config.max_position_embeddings, len(val) - 1)
+    if batches < 1 or seq_len < 2:
+        return None
+    model = md.load_model().eval()
+    with torch.no_grad():
+        losses = [float(model(x, y)[1]) for x, y in val.iter_eval_batches(batch_size, seq_len, batches)]
+    return round(sum(losses) / len(losses), 4) if losses else None
+
+
+def measure(model_dir: str | Path, cfg: CompressConfig, judge_text: list[str | Path],
+            data: str | Path | None = None) -> dict:
     from slmforge.evaluate.perplexity import judge
 
     md = ModelDir.open(model_dir)
@@ -205,6 +229,7 @@ def measure(model_dir: str | Path, cfg: CompressConfig, judge_text: list[str | P
     return {"params": md.config.n_params, "weights_mb": round(weights_bytes(model_dir) / 1e6, 3),
             "peak_rss_mb": round(peak_rss_mb(model_dir, cfg.threads, cfg.decode_tokens), 1),
             "tokens_per_s": round(single, 1), "batched_tokens_per_s": round(batched, 1),
+            "val_loss": data_val_loss(model_dir, data, cfg.val_batches) if data is not None else None,
             "bits_per_byte": [{"file": f["file"], "bits_per_byte": round(f["bits_per_byte"], 4)} for f in bpb]}
 
 
@@ -215,10 +240,11 @@ def measure(model_dir: str | Path, cfg: CompressConfig, judge_text: list[str | P
 def report_markdown(report: dict) -> str:
     files = [Path(f["file"]).name for f in report["rows"][0]["bits_per_byte"]]
     head = ["variant", "params", "weights MB", "peak RSS MB", "tok/s x1", f"tok/s x{report['config']['decode_batch']}",
-            *[f"bits/byte {f}" for f in files]]
+            "val loss", *[f"bits/byte {f}" for f in files]]
     lines = [f"# Compression report: {report['model']}", "",
              f"Decode at {report['env']['threads']} threads, greedy, {report['config']['decode_tokens']} tokens "
-             "per stream; each figure is followed by its ratio to the original.", "",
+             "per stream; val loss on the packed data's validation windows; each figure is followed by its ratio "
+             "(or change) to the original.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in report["rows"]:
         cells = [r["variant"], f"{r['params']:,} ({r['params_vs_original']:.2f})",
@@ -226,6 +252,8 @@ def report_markdown(report: dict) -> str:
                  f"{r['peak_rss_mb']:.0f} ({r['peak_rss_mb_vs_original']:.2f})",
                  f"{r['tokens_per_s']:.0f} ({r['tokens_per_s_vs_original']:.2f})",
                  f"{r['batched_tokens_per_s']:.0f} ({r['batched_tokens_per_s_vs_original']:.2f})",
+                 (f"{r['val_loss']:.4f} ({r.get('val_loss_change_pct', 0):+.2f}%)" if r.get("val_loss") is not None
+                  else "n/a"),
                  *[f"{f['bits_per_byte']:.4f} ({f['change_pct']:+.2f}%)" for f in r["bits_per_byte"]]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
