@@ -39,6 +39,7 @@ os.environ.setdefault("SLMFORGE_LLAMA_CPP_REPACK", "0")
 import llama_cpp_bench  # noqa: E402 - benchmarks/ is on sys.path when run as a script
 import torch  # noqa: E402
 from decode_speed import best_time, make_model_dirs  # noqa: E402
+from train_throughput import machine_info  # noqa: E402
 
 from slmforge.compress.pipeline import peak_rss_mb
 from slmforge.compress.quantize import QuantizeConfig, quantize_dir, weights_bytes
@@ -172,7 +173,7 @@ def main() -> None:
         r["disk_vs_fp32"] = r["disk_mb"] / base["disk_mb"]
     results = {"env": {"torch": torch.__version__, "threads": args.threads, "cpus": os.cpu_count(),
                        "machine": platform.processor() or platform.machine(), "load_avg_1m_end": os.getloadavg()[0],
-                       "llama_cpp_repack": os.environ["SLMFORGE_LLAMA_CPP_REPACK"] != "0",
+                       "llama_cpp_repack": os.environ["SLMFORGE_LLAMA_CPP_REPACK"] != "0", **machine_info(),
                        "command": "python benchmarks/compress.py " + " ".join(sys.argv[1:])}, "rows": rows}
     args.out.write_text(json.dumps(results, indent=2))
     args.out.with_suffix(".md").write_text(markdown(results))

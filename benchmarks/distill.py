@@ -34,6 +34,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from train_throughput import machine_info  # benchmarks/ is on sys.path when run as a script
 
 from slmforge.config import ModelConfig, preset
 from slmforge.data.pack import pack_tokens
@@ -44,6 +45,7 @@ from slmforge.tokenizer import train_tokenizer
 from slmforge.train.finetune import FinetuneConfig, finetune
 from slmforge.train.heads import predict_labels
 from slmforge.train.kd import DistillConfig
+from slmforge.train.loop import resolve_precision
 from slmforge.train.pretrain import PretrainConfig, pretrain
 
 REPO = Path(__file__).resolve().parents[1]
@@ -221,9 +223,11 @@ def part_prune(quick: bool) -> dict:
     heal_s = ModelDir.open(healed_dir).meta["metrics"]["train_time_s"]  # training steps only, teacher included
     p_md = ModelDir.open(root / "pruned")
     tok = p_md.load_tokenizer()
-    scratch = pretrain(packed, root / "scratch", p_md.config, tok,
-                       PretrainConfig(**{**asdict(cfg.heal), "max_steps": 10_000, "max_minutes": heal_s / 60,
-                                         "lr": 2e-3, "progress": False}))
+    scratch = root / "scratch" / "model"
+    if not (scratch / "model.safetensors").is_file():  # (a rerun of this part only re-measures)
+        scratch = pretrain(packed, root / "scratch", p_md.config, tok,
+                           PretrainConfig(**{**asdict(cfg.heal), "max_steps": 10_000, "max_minutes": heal_s / 60,
+                                             "lr": 2e-3, "progress": False}))
     rows = []
     for name, d in (("pruned + healed (KD from the teacher)", healed_dir), ("same shape from scratch", scratch)):
         m = ModelDir.open(d).meta["metrics"]
@@ -252,7 +256,8 @@ def main() -> None:
             shutil.rmtree(RUNS / name, ignore_errors=True)
         t = time.perf_counter()
         results[name] = {**PARTS[name](args.quick), "seconds": round(time.perf_counter() - t, 1),
-                         "load_avg_1m_after": os.getloadavg()[0]}
+                         "load_avg_1m_after": os.getloadavg()[0], "machine": machine_info(),
+                         "train_precision": resolve_precision("auto", "cpu")}
         print(json.dumps({name: results[name]}, indent=2))
         if not args.quick:
             results["env"] = {"torch": torch.__version__, "threads": THREADS,
