@@ -94,7 +94,7 @@ def test_resume_after_a_kill_asks_only_for_the_missing_answers(tmp_path, teacher
     lines = out.read_bytes().splitlines(keepends=True)
     k = len(lines)
     assert st["prompts"] == 3 and k == st["generated"] >= 1
-    cut = len(lines[-1]) - len(lines[-1]) // 2
+    cut = len(lines[-1]) // 2  # the bytes of the half-written line
     out.write_bytes(b"".join(lines[:-1]) + lines[-1][: len(lines[-1]) // 2])
 
     st = generate_targets(cfg_for(teacher_dir, prompts, out, max_new_tokens=6, api="completion"))

@@ -105,7 +105,8 @@ class FinetuneConfig:
     merge: bool = setting(False, "LoRA: also write the merged model to out/model.")
     # QLoRA's idea (a low-precision frozen base under full-precision adapters) at 16 bits: half the base
     # memory; bf16 autocast computes in bf16 anyway
-    base_dtype: str = setting("float32", "LoRA: frozen base weights in float32 or bfloat16 (needs precision bf16).")
+    base_dtype: str = setting("float32", "LoRA: frozen base weights in float32 or bfloat16 (needs precision bf16; "
+                                         "auto becomes bf16).")
     val_fraction: float = setting(0.1, "Share of train held out for validation when no val file is given.")
     max_val_examples: int = setting(2000, "Most validation examples scored at each evaluation.")
     dtype: str = setting("float32", "Weights of the written model: float32 or bfloat16.")
@@ -177,6 +178,14 @@ class FinetuneConfig:
 # The run
 
 
+def train_precision(cfg: FinetuneConfig) -> str:
+    """The precision the run trains in: auto as the hardware has it (loop.resolve_precision), except that a
+    bfloat16 LoRA base asks for bf16 autocast (it computes in bf16 whatever the CPU)."""
+    if cfg.precision == "auto" and cfg.base_dtype == "bfloat16":
+        return "bf16"
+    return resolve_precision(cfg.precision, cfg.device)
+
+
 def train_config(cfg: FinetuneConfig, n_train: int, has_val: bool) -> TrainConfig:
     """The trainer core's settings for this run: steps from max_steps or epochs over n_train examples,
     learning rates from the mode, and the best validation metric kept when there is validation data."""
@@ -186,7 +195,7 @@ def train_config(cfg: FinetuneConfig, n_train: int, has_val: bool) -> TrainConfi
     return TrainConfig(
         max_steps=steps, max_minutes=cfg.max_minutes, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
         seq_len=cfg.seq_len, lr=lr, min_lr=lr / 10 if cfg.min_lr is None else cfg.min_lr,
-        warmup_fraction=cfg.warmup_fraction, weight_decay=cfg.weight_decay, precision=resolve_precision(cfg.precision, cfg.device),
+        warmup_fraction=cfg.warmup_fraction, weight_decay=cfg.weight_decay, precision=train_precision(cfg),
         eval_every=cfg.eval_every, ckpt_every=cfg.ckpt_every, log_every=cfg.log_every, patience=cfg.patience,
         best_metric=metric if has_val else None, best_mode=mode, seed=cfg.seed, device=cfg.device,
         threads=cfg.threads, progress=cfg.progress, force_resume=cfg.force_resume)
@@ -236,7 +245,7 @@ def finetune(
 
     # Model: full or LoRA, with or without a classifier or tagger head.
     torch.manual_seed(cfg.seed)  # LoRA and head initialisation
-    lm, model = trainable_model(md.load_model().train(), cfg, labels, resolve_precision(cfg.precision, cfg.device))
+    lm, model = trainable_model(md.load_model().train(), cfg, labels, train_precision(cfg))
     trainable, total = count_params(model)
     loss_fn, distill_info = loss_fn_of(cfg), None
     if teacher is not None:
