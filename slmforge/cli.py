@@ -40,9 +40,11 @@ app.command()(run)
 
 from slmforge.cli_compress import compress_cmd, distill_app, prune, quantize  # noqa: E402 - distillation and compression
 from slmforge.cli_eval import eval_app  # noqa: E402 - bits per byte on real text
+from slmforge.cli_route import route_app  # noqa: E402 - routers between a small and a large model
 
 app.add_typer(eval_app, name="eval")
 app.add_typer(distill_app, name="distill")
+app.add_typer(route_app, name="route")
 app.command()(quantize)
 app.command()(prune)
 app.command("compress")(compress_cmd)
@@ -89,7 +91,7 @@ def quickstart(
     minutes: Annotated[float | None, typer.Option(help="Pretraining time budget (recipe: 10).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Sequences per step (recipe: 32).")] = None,
     vocab_size: Annotated[int | None, typer.Option(help="Tokenizer vocabulary size (recipe: 2,048).")] = None,
-    precision: Annotated[str | None, typer.Option(help="bf16 (autocast) or fp32 (recipe: bf16).")] = None,
+    precision: Annotated[str | None, typer.Option(help="bf16 (autocast), fp32 or auto (recipe: auto).")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed for data, init and sampling (recipe: 1337).")] = None,
     teacher: Annotated[Path | None, typer.Option(help="Base LM dir to sample the stories from (e.g. stories260K "
                                                       "after `slmforge import llama2c`); default: templates.")] = None,
