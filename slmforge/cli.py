@@ -326,6 +326,14 @@ def serve(
     compile: Annotated[bool | None, typer.Option(
         "--compile/--no-compile", help="torch.compile the decode step (default: on for models up to 512 wide, "
         "where per-op overhead is a large part of a step; the first requests wait ~15 s per cache bucket).")] = None,
+    route: Annotated[list[str] | None, typer.Option(
+        "--route", metavar="SPEC",
+        help="NAME=ROUTER_DIR,small=MODEL,large=MODEL: serve a router as the model route:NAME, answered by the "
+        "small or the large model as the router decides (a cascade: the small model first, the large one when "
+        "its confidence is below the threshold). MODEL: a served model's name or directory; large may also be "
+        "openai:<base_url>#<model>. Options: ,price=IN/OUT (USD per 1M prompt/completion tokens of the large "
+        "model), ,signal=mean_logprob|min_logprob|sum_logprob (a cascade's), ,api_key_env=VAR, ,retries=N "
+        "(remote). Repeatable; see docs/route.md.")] = None,
 ) -> None:
     """OpenAI-compatible HTTP server: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics."""
     import os
@@ -355,10 +363,13 @@ def serve(
     cfg = ServerConfig(max_concurrent=max_concurrent, max_batch=max_batch, max_tokens_limit=max_tokens_limit,
                        timeout_s=timeout, api_keys=keys, compile=compile)
     sock = _listen(host, port)  # before loading models: a port in use is an error at once, not after "serving"
-    application = create_app(models, cfg, dtype=getattr(torch, dtype))
+    application = create_app(models, cfg, dtype=getattr(torch, dtype), routes=route or [])
     port = sock.getsockname()[1]
     ready = " (compiling the decode step in the background; /health says when it is ready)" if compile else ""
-    typer.echo(f"serving {', '.join(application.state.workers)} on http://{host}:{port}/v1{ready}", err=True)
+    served = [*application.state.workers, *application.state.server.routes]
+    typer.echo(f"serving {', '.join(served)} on http://{host}:{port}/v1{ready}", err=True)
+    for r in application.state.server.routes.values():
+        typer.echo(f"  {r.describe()}", err=True)
     uvicorn.Server(uvicorn.Config(application, log_level="warning")).run(sockets=[sock])
 
 

@@ -16,9 +16,14 @@ decode steps; a client that goes away frees its slot at the next step. With comp
 decode step is built in the background while the engine serves eager; /health says `ready: false` until
 it is built.
 
+A route (`routes=["sst2=runs/router,small=tiny,large=openai:https://host/v1#big"]`, `--route` on the
+command line) serves a router as the model `route:sst2`: each request is answered by the small or the large
+model, as the router decides (see "Routes" below and docs/route.md, "Serving a router").
+
 Errors are OpenAI-style bodies, {"error": {"message", "type", "param", "code"}}: 400 for bad input, 401
 for a bad API key, 404 for an unknown model or route, 413 for a body over `max_body_bytes`, 429 when
-`max_concurrent` requests are already in flight, 504 when a request runs past `timeout_s`.
+`max_concurrent` requests are already in flight, 502 when a route's remote large model fails, 504 when a
+request runs past `timeout_s`.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import math
+import os
 import queue
 import threading
 import time
@@ -35,8 +42,9 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
+import numpy as np
 import torch
 from fastapi import APIRouter, Depends, FastAPI
 from fastapi import Request as HTTPRequest
@@ -50,7 +58,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from slmforge.errors import SlmforgeError
 from slmforge.infer.engine import BatchEngine, Request, SamplingParams, TextStream, Update
+from slmforge.lm import OpenAILM
 from slmforge.modeldir import ModelDir
+from slmforge.route import Router, decide, load_router, router_scores
+from slmforge.route import describe as describe_router
 from slmforge.serve.protocol import ChatBody, CompletionBody, SamplingFields, error_body
 from slmforge.tokenizer import Tokenizer
 
@@ -82,7 +93,7 @@ class Metrics:
     """The server's Prometheus metrics, in a registry of its own so that several apps in one process
     (tests) do not clash. Engine state is read when /metrics is scraped."""
 
-    def __init__(self, workers: dict[str, ModelWorker]):
+    def __init__(self, workers: dict[str, ModelWorker], routes: dict[str, Route] | None = None):
         self.registry = r = CollectorRegistry()
         self.requests = Counter("slmforge_requests", "HTTP responses of /v1/ routes", ["path", "method", "status"],
                                 registry=r)
@@ -96,6 +107,25 @@ class Metrics:
         for name in workers:  # every model's series from the start, at zero
             for m in (self.prompt_tokens, self.completion_tokens, self.ttft, self.latency):
                 m.labels(model=name)
+        # routes: by destination (small, large); tokens count every answer a destination made, so a cascade's
+        # small answers count under small whether or not they were sent back
+        per = ["route", "destination"]
+        self.route_requests = Counter("slmforge_route_requests", "Routed requests, by the model that answered",
+                                      per, registry=r)
+        self.route_prompt_tokens = Counter("slmforge_route_prompt_tokens", "Prompt tokens of routed requests, by "
+                                           "the model that read them", per, registry=r)
+        self.route_completion_tokens = Counter("slmforge_route_completion_tokens", "Tokens generated for routed "
+                                               "requests, by the model that wrote them", per, registry=r)
+        self.route_errors = Counter("slmforge_route_errors", "Routed requests the remote large model failed "
+                                    "(answered 502)", per, registry=r)
+        self.route_cost = Counter("slmforge_route_cost_usd", "What the large model's tokens cost at the route's "
+                                  "price (USD)", ["route"], registry=r)
+        for route in (routes or {}).values():
+            for dest in ("small", "large"):
+                for m in (self.route_requests, self.route_prompt_tokens, self.route_completion_tokens,
+                          self.route_errors):
+                    m.labels(route=route.name, destination=dest)
+            self.route_cost.labels(route=route.name)
         self.in_flight = 0
         self.workers = workers
         r.register(self)  # collect() below
@@ -237,6 +267,7 @@ class Server:
     config: ServerConfig
     workers: dict[str, ModelWorker]
     metrics: Metrics
+    routes: dict[str, Route] = field(default_factory=dict)  # by model id, "route:NAME"
 
 
 def parse_model_specs(specs: list[str | Path]) -> dict[str, Path]:
@@ -257,24 +288,39 @@ def parse_model_specs(specs: list[str | Path]) -> dict[str, Path]:
 
 
 def create_app(model_dirs: list[str | Path] | dict[str, str | Path], config: ServerConfig | None = None,
-               dtype: torch.dtype = torch.float32, device: str | None = None) -> FastAPI:
-    """A FastAPI app serving the model directories (a list of `path` / `name=path`, or {name: path})."""
+               dtype: torch.dtype = torch.float32, device: str | None = None,
+               routes: list[str | RouteSpec] | None = None) -> FastAPI:
+    """A FastAPI app serving the model directories (a list of `path` / `name=path`, or {name: path}) and
+    the routes (`--route` specs, see parse_route_spec) between them and remote models."""
     cfg = config or ServerConfig()
     specs = {k: Path(v) for k, v in model_dirs.items()} if isinstance(model_dirs, dict) \
         else parse_model_specs(list(model_dirs))
+    # routes first: a bad --route should be an error before minutes of model loading, not after
+    route_list = [build_route(parse_route_spec(r) if isinstance(r, str) else r, specs, cfg)
+                  for r in routes or []]
+    by_id: dict[str, Route] = {}
+    for route in route_list:
+        if route.id in by_id:
+            raise SlmforgeError(f"--route {route.name}: given twice")
+        if route.id in specs:
+            raise SlmforgeError(f"--route {route.name}: {route.id!r} is also the name of a served model")
+        by_id[route.id] = route
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     workers: dict[str, ModelWorker] = {}
     for name, path in specs.items():
         md = ModelDir.open(path)
         workers[name] = ModelWorker(name, path, md.load_model(device, dtype), md.load_tokenizer(), cfg.max_batch,
                                      cfg.compile)
-    server = Server(cfg, workers, Metrics(workers))
+    server = Server(cfg, workers, Metrics(workers, by_id), by_id)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
         for w in workers.values():
             w.stop()
+        for route in by_id.values():
+            if isinstance(route.large, Remote):
+                route.large.lm.close()
 
     app = FastAPI(title="slmforge", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.server = server
@@ -376,8 +422,9 @@ completion_body, chat_body = json_body(CompletionBody), json_body(ChatBody)
 
 def worker_for(server: Server, name: str) -> ModelWorker:
     if name not in server.workers:
-        raise APIError(404, f"model {name!r} does not exist; available: {', '.join(server.workers)}",
-                       param="model", code="model_not_found")
+        available = ", ".join([*server.workers, *server.routes])
+        raise APIError(404, f"model {name!r} does not exist; available: {available}", param="model",
+                       code="model_not_found")
     return server.workers[name]
 
 
@@ -496,7 +543,9 @@ def sse(obj: dict | str) -> str:
     return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-def stream(body_iter: AsyncIterator[str], slot: Slot) -> StreamingResponse:
+def stream(body_iter: AsyncIterator[str], slot: Slot | None, headers: dict | None = None,
+           on_end: Callable[[], None] | None = None) -> StreamingResponse:
+    """Server-sent events; `on_end` runs once the stream is over, finished or not (a route's metrics)."""
     async def gen() -> AsyncIterator[str]:
         try:
             async for chunk in body_iter:
@@ -504,10 +553,31 @@ def stream(body_iter: AsyncIterator[str], slot: Slot) -> StreamingResponse:
         except APIError as e:  # the headers are gone: report the error in the stream
             yield sse(e.body)
         finally:
-            slot.release()
+            if slot is not None:
+                slot.release()
+            if on_end is not None:
+                on_end()
         yield sse("[DONE]")
     return StreamingResponse(gen(), media_type="text/event-stream",
-                             headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+                             headers={"cache-control": "no-cache", "x-accel-buffering": "no", **(headers or {})})
+
+
+@dataclass
+class Tag:
+    """How a routed answer is marked and counted: `fields` join the body (every chunk of a stream), `headers`
+    the response, and `done(usage)` runs once the answer is over (the route's metrics)."""
+
+    fields: dict = field(default_factory=dict)
+    headers: dict = field(default_factory=dict)
+    done: Callable[[dict], None] = lambda usage: None
+
+
+def respond(body: dict, tag: Tag | None) -> dict | JSONResponse:
+    """A whole (non-streamed) answer: as it is, or with the route's headers and metrics."""
+    if tag is None:
+        return body
+    tag.done(body.get("usage") or {})
+    return JSONResponse(body, headers=tag.headers)
 
 
 def token_str(tok: Tokenizer, i: int) -> str:
@@ -571,20 +641,37 @@ def model_card(w: ModelWorker) -> dict:
     return {"id": w.name, "object": "model", "created": w.created, "owned_by": "slmforge", "max_model_len": w.ctx}
 
 
+def route_card(route: Route) -> dict:
+    return {"id": route.id, "object": "model", "created": route.created, "owned_by": "slmforge",
+            "route": {"router": route.router.kind, "threshold": route.router.threshold,
+                      "small": route.model_name("small"), "large": route.model_name("large")}}
+
+
 @api.get("/v1/models")
 def list_models(server: ServerDep) -> dict:
-    return {"object": "list", "data": [model_card(w) for w in server.workers.values()]}
+    return {"object": "list", "data": [*(model_card(w) for w in server.workers.values()),
+                                       *(route_card(r) for r in server.routes.values())]}
 
 
 @api.get("/v1/models/{name:path}")
 def get_model(name: str, server: ServerDep) -> dict:
+    if name in server.routes:
+        return route_card(server.routes[name])
     return model_card(worker_for(server, name))
 
 
 @api.post("/v1/completions")
 async def completions(body: Annotated[CompletionBody, Depends(completion_body)], request: HTTPRequest,
                       server: ServerDep):
-    w = worker_for(server, body.model)
+    if body.model in server.routes:
+        return await routed(server, server.routes[body.model], body, request, chat=False)
+    return (await answer_completions(server, worker_for(server, body.model), body, request))[0]
+
+
+async def answer_completions(server: Server, w: ModelWorker, body: CompletionBody, request: HTTPRequest,
+                             tag: Tag | None = None) -> tuple[Any, list[Request]]:
+    """The completion of `body` by the local model `w` (whatever body.model says: a route picks `w`), and
+    the engine requests once run (a cascade reads the small answer's log-probs from them)."""
     check_stop(body)
     prompts = body.prompt
     if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
@@ -602,9 +689,11 @@ async def completions(body: Annotated[CompletionBody, Depends(completion_body)],
     slot = Slot(server)
     cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
+    fields = tag.fields if tag else {}
+
     def chunk(choices: list[dict], **extra) -> dict:
         return {"id": cid, "object": "text_completion", "created": created, "model": w.name, "choices": choices,
-                **extra}
+                **extra, **fields}
 
     if body.stream:
         async def events() -> AsyncIterator[str]:
@@ -620,7 +709,7 @@ async def completions(body: Annotated[CompletionBody, Depends(completion_body)],
                                       "finish_reason": u.finish_reason}]))
             if body.stream_options and body.stream_options.include_usage:
                 yield sse(chunk([], usage=usage(reqs, body.n)))
-        return stream(events(), slot)
+        return stream(events(), slot, tag and tag.headers, tag and (lambda: tag.done(usage(reqs, body.n)))), reqs
 
     await run_to_end(server, w, reqs, request, slot)
     choices = []
@@ -631,7 +720,7 @@ async def completions(body: Annotated[CompletionBody, Depends(completion_body)],
         if body.logprobs is not None:
             choice["logprobs"] = completion_logprobs(w.tokenizer, r, ptext if body.echo else None)
         choices.append(choice)
-    return chunk(choices, usage=usage(reqs, body.n))
+    return respond(chunk(choices, usage=usage(reqs, body.n)), tag), reqs
 
 
 def completion_logprobs(tok: Tokenizer, r: Request, echo_prompt: str | None) -> dict:
@@ -657,7 +746,15 @@ def completion_logprobs(tok: Tokenizer, r: Request, echo_prompt: str | None) -> 
 
 @api.post("/v1/chat/completions")
 async def chat_completions(body: Annotated[ChatBody, Depends(chat_body)], request: HTTPRequest, server: ServerDep):
-    w = worker_for(server, body.model)
+    if body.model in server.routes:
+        return await routed(server, server.routes[body.model], body, request, chat=True)
+    return (await answer_chat(server, worker_for(server, body.model), body, request))[0]
+
+
+async def answer_chat(server: Server, w: ModelWorker, body: ChatBody, request: HTTPRequest,
+                      tag: Tag | None = None) -> tuple[Any, list[Request]]:
+    """The chat answer to `body` by the local model `w`, and the engine requests once run (as
+    answer_completions)."""
     check_stop(body)
     if not w.tokenizer.chat_template:
         raise APIError(400, f"model {w.name!r} has no chat template (a plain language model): use "
@@ -673,9 +770,11 @@ async def chat_completions(body: Annotated[ChatBody, Depends(chat_body)], reques
     slot = Slot(server)
     cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
+    fields = tag.fields if tag else {}
+
     def chunk(choices: list[dict], **extra) -> dict:
         return {"id": cid, "object": "chat.completion.chunk" if body.stream else "chat.completion",
-                "created": created, "model": w.name, "choices": choices, **extra}
+                "created": created, "model": w.name, "choices": choices, **extra, **fields}
 
     def lp_entry(t: int, lp: float, top: list[tuple[int, float]]) -> dict:
         s = token_str(w.tokenizer, t)
@@ -699,7 +798,7 @@ async def chat_completions(body: Annotated[ChatBody, Depends(chat_body)], reques
                                       "finish_reason": u.finish_reason}]))
             if body.stream_options and body.stream_options.include_usage:
                 yield sse(chunk([], usage=usage(reqs, body.n)))
-        return stream(events(), slot)
+        return stream(events(), slot, tag and tag.headers, tag and (lambda: tag.done(usage(reqs, body.n)))), reqs
 
     await run_to_end(server, w, reqs, request, slot)
     choices = []
@@ -711,4 +810,405 @@ async def chat_completions(body: Annotated[ChatBody, Depends(chat_body)], reques
                               zip(r.output_ids[:n], r.token_logprobs[:n], r.top_logprobs[:n], strict=True)]}
         choices.append({"index": i, "message": {"role": "assistant", "content": r.text.text}, "logprobs": lp,
                         "finish_reason": r.finish_reason})
-    return chunk(choices, usage=usage(reqs, body.n))
+    return respond(chunk(choices, usage=usage(reqs, body.n)), tag), reqs
+
+
+# ------------------------------------------------------------------------------------------- routes
+#
+# A route serves a router (slmforge/route.py) as one more model, `route:NAME`. A router that scores the
+# prompt (random, learned, mf, sw) decides before anything is generated, and the chosen model answers. The
+# cascade scores the small model's own answer: the small model answers first, whole, with log-probs; the
+# confidence the router was trained on is computed from them, and where the router then says "large" the
+# request, as the client sent it, goes to the large model, whose answer is the response. So a cascade
+# streams only once it has decided: a kept small answer comes as one piece, a large one as it is written.
+
+ROUTE_PREFIX = "route:"
+ROUTE_KEYS = ("small", "large", "price", "signal", "api_key_env", "retries")
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+# What the server computes from the small answer's token log-probs (the tokens of the text it returns: a stop
+# token or string is not among them), under the names a routing data file gives the field. All are
+# confidences (higher = more sure); an entropy would need the whole distribution at every step.
+SIGNALS: dict[str, Callable[[list[float]], float]] = {"mean_logprob": _mean, "min_logprob": min,
+                                                      "sum_logprob": sum}
+
+
+@dataclass
+class RouteSpec:
+    """One --route: NAME=ROUTER_DIR,small=MODEL,large=MODEL|openai:<base_url>#<model>[,key=value...]."""
+
+    name: str
+    router_dir: Path
+    small: str  # a served model: its name or its directory
+    large: str  # a served model, or openai:<base_url>#<model>
+    price_in: float = 0.0  # USD per 1M prompt tokens of the large model (the cost metric)
+    price_out: float = 0.0  # USD per 1M completion tokens of the large model
+    signal: str | None = None  # cascade: which of SIGNALS the router's signal is, where its name does not say
+    api_key_env: str | None = None  # remote large model: the variable holding its key (default OPENAI_API_KEY)
+    retries: int | None = None  # remote large model: retries of a whole answer (default 2)
+
+
+def parse_route_spec(spec: str) -> RouteSpec:
+    """`NAME=ROUTER_DIR,small=MODEL,large=MODEL_OR_SPEC[,price=IN/OUT][,signal=NAME][,api_key_env=VAR]
+    [,retries=N]`; each mistake is one error naming the route."""
+    first, *rest = str(spec).split(",")
+    name, sep, router_dir = (x.strip() for x in first.partition("="))
+    if not sep or not name or not router_dir:
+        raise SlmforgeError(f"--route {spec!r}: expected NAME=ROUTER_DIR,small=MODEL,large=MODEL_OR_SPEC")
+    flag = f"--route {name}"
+    kv: dict[str, str] = {}
+    for item in rest:
+        key, sep, value = (x.strip() for x in item.partition("="))
+        if not sep or key not in ROUTE_KEYS:
+            raise SlmforgeError(f"{flag}: {item.strip()!r}: expected {', '.join(k + '=...' for k in ROUTE_KEYS)}")
+        if key in kv:
+            raise SlmforgeError(f"{flag}: {key}= given twice")
+        kv[key] = value
+    for key in ("small", "large"):
+        if not kv.get(key):
+            raise SlmforgeError(f"{flag}: {key}=MODEL missing (a served model's name or directory"
+                                f"{', or openai:<base_url>#<model>' if key == 'large' else ''})")
+    out = RouteSpec(name, Path(router_dir), kv["small"], kv["large"], signal=kv.get("signal") or None,
+                    api_key_env=kv.get("api_key_env") or None)
+    if "price" in kv:
+        a, sep, b = kv["price"].partition("/")
+        try:
+            out.price_in, out.price_out = float(a), float(b)
+        except ValueError:
+            sep = ""
+        if not sep or not all(math.isfinite(p) and p >= 0 for p in (out.price_in, out.price_out)):
+            raise SlmforgeError(f"{flag}: price={kv['price']}: expected IN/OUT, USD per 1M prompt and completion "
+                                f"tokens of the large model (e.g. price=0.15/0.60)")
+    if "retries" in kv:
+        if not kv["retries"].isdigit():
+            raise SlmforgeError(f"{flag}: retries={kv['retries']}: expected a whole number >= 0")
+        out.retries = int(kv["retries"])
+    return out
+
+
+@dataclass
+class Remote:
+    """A large model behind an OpenAI-compatible endpoint. Whole answers go through slmforge.lm's OpenAILM
+    (retries with backoff, in a worker thread); streamed ones through an httpx.AsyncClient of their own, not
+    retried (a stream cannot be retried half-way)."""
+
+    lm: OpenAILM
+    headers: dict[str, str]
+
+
+@dataclass
+class Route:
+    spec: RouteSpec
+    router: Router
+    small: str  # a served model's name
+    large: str | Remote  # a served model's name, or a remote endpoint
+    signal_name: str | None = None  # cascade: which of SIGNALS it is computed with
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def id(self) -> str:
+        return ROUTE_PREFIX + self.spec.name
+
+    def model_name(self, dest: str) -> str:
+        m = self.small if dest == "small" else self.large
+        return m.lm.model if isinstance(m, Remote) else m
+
+    def describe(self) -> str:
+        large = self.large.lm.name if isinstance(self.large, Remote) else self.large
+        return f"{self.id}: {describe_router(self.router)} · small {self.small} · large {large}"
+
+
+def _served_name(value: str, served: dict[str, Path]) -> str | None:
+    """The served model named `value`, or served from the directory `value`."""
+    if value in served:
+        return value
+    path = Path(value).expanduser()
+    if path.is_dir():
+        return next((n for n, p in served.items() if p.resolve() == path.resolve()), None)
+    return None
+
+
+def build_route(spec: RouteSpec, served: dict[str, Path], cfg: ServerConfig) -> Route:
+    """A route checked against the served models and its router before any model loads: each mistake is
+    one error naming the route, and nothing is left to fail at request time that could be found now."""
+    from slmforge.lm import open_lm
+
+    flag = f"--route {spec.name}"
+    try:
+        router = load_router(spec.router_dir)
+    except SlmforgeError as e:
+        raise SlmforgeError(f"{flag}: {e}") from None
+    if router.threshold is None:
+        raise SlmforgeError(f"{flag}: the router in {spec.router_dir} has no threshold; calibrate it on validation "
+                            f"data first (slmforge route calibrate {spec.router_dir} --data VAL --share X --out DIR)")
+    small = _served_name(spec.small, served)
+    if small is None:
+        raise SlmforgeError(f"{flag}: small={spec.small}: not a served model (serving {', '.join(served)}); give "
+                            f"one of those names, or serve that directory too")
+    large: str | Remote | None
+    if spec.large.startswith("openai:"):
+        env = spec.api_key_env or "OPENAI_API_KEY"
+        key = os.environ.get(env) or None
+        if spec.api_key_env and not key:
+            raise SlmforgeError(f"{flag}: api_key_env={env}: the variable is unset or empty")
+        try:  # reachability is not checked: the endpoint may come up later; a request to it then is a 502
+            lm = open_lm(spec.large, api_key_env=env, concurrency=max(1, cfg.max_concurrent),
+                         max_retries=2 if spec.retries is None else spec.retries, timeout_s=cfg.timeout_s,
+                         price_in=spec.price_in, price_out=spec.price_out, backoff_s=0.5, max_backoff_s=5.0)
+        except SlmforgeError as e:
+            raise SlmforgeError(f"{flag}: large={spec.large}: {e}") from None
+        large = Remote(lm, {"Authorization": f"Bearer {key}"} if key else {})
+    else:
+        large = _served_name(spec.large, served)
+        if large is None:
+            raise SlmforgeError(f"{flag}: large={spec.large}: not a served model (serving {', '.join(served)}) "
+                                f"and not openai:<base_url>#<model>")
+        if large == small:
+            raise SlmforgeError(f"{flag}: small and large are the same model ({small})")
+        for key, given in (("api_key_env", spec.api_key_env), ("retries", spec.retries)):
+            if given is not None:
+                raise SlmforgeError(f"{flag}: {key}= is for a remote large model (openai:<base_url>#<model>)")
+    route = Route(spec, router, small, large)
+    if router.kind == "cascade":
+        route.signal_name = _cascade_signal(router, spec, flag)
+    else:
+        if spec.signal:
+            raise SlmforgeError(f"{flag}: signal= is for a cascade router; this one is {router.kind}")
+        try:  # score a prompt now: a missing embedding model or package is an error at startup, not per request
+            router_scores(router, ["Is this router ready?"])
+        except SlmforgeError as e:
+            raise SlmforgeError(f"{flag}: {e}") from None
+    return route
+
+
+def _cascade_signal(router: Router, spec: RouteSpec, flag: str) -> str:
+    """Which of SIGNALS the cascade router was trained on: its signal's name (or signal=), normalised."""
+    trained = router.config.signal or ""
+    key = (spec.signal or trained).lower().replace("-", "_").replace("log_prob", "logprob")
+    if key not in SIGNALS:
+        named = f"signal={spec.signal}" if spec.signal else f"the signal {trained!r}"
+        raise SlmforgeError(f"{flag}: the cascade router was trained on {named}, which this server cannot compute "
+                            f"from an answer; it computes {', '.join(SIGNALS)} (the small answer's token log-probs): "
+                            f"add signal=NAME if {trained!r} is one of them")
+    if router.params.get("signal_kind") != "confidence":
+        raise SlmforgeError(f"{flag}: the router takes {trained!r} as an uncertainty (higher = less sure), but "
+                            f"{key} is a log-prob (higher = more sure); retrain it with --signal-kind confidence")
+    return key
+
+
+def _number(x: Any) -> float | None:
+    """A score for JSON: an infinite or missing one is null (JSON has no Infinity)."""
+    return float(x) if x is not None and math.isfinite(float(x)) else None
+
+
+def _tokens(usage: dict, key: str) -> int:
+    try:  # a remote endpoint's usage is not ours to trust: a bad count must not fail the answer
+        return max(0, int(usage.get(key) or 0))
+    except (TypeError, ValueError):
+        return 0
+
+
+def count_tokens(server: Server, route: Route, dest: str, usage: dict) -> None:
+    m = server.metrics
+    p, c = _tokens(usage, "prompt_tokens"), _tokens(usage, "completion_tokens")
+    m.route_prompt_tokens.labels(route.name, dest).inc(p)
+    m.route_completion_tokens.labels(route.name, dest).inc(c)
+    if dest == "large":
+        m.route_cost.labels(route.name).inc((p * route.spec.price_in + c * route.spec.price_out) / 1e6)
+
+
+def route_tag(server: Server, route: Route, dest: str, facts: dict) -> Tag:
+    """The `routed_to` field and `x-slmforge-routed-to` header of an answer by `dest`, and its metrics."""
+    info = {"route": route.name, "model": dest, "model_name": route.model_name(dest), "router": route.router.kind,
+            "score": _number(facts.get("score")), "threshold": route.router.threshold}
+    if route.router.kind == "cascade":
+        info["signal"] = {"name": route.signal_name, "value": _number(facts.get("signal_value"))}
+
+    def done(usage: dict) -> None:
+        server.metrics.route_requests.labels(route.name, dest).inc()
+        count_tokens(server, route, dest, usage)
+
+    return Tag({"routed_to": info}, {"x-slmforge-routed-to": dest, "x-slmforge-route": route.name}, done)
+
+
+def routing_text(body: CompletionBody | ChatBody, chat: bool) -> str:
+    """What the router reads: the prompt, or in a chat the last user message (RouteLLM's controller routes on
+    the last message). One text prompt per request: each prompt would be routed on its own, and token ids
+    mean different things to the two models."""
+    if chat:
+        users = [m for m in body.messages if m.role == "user"]
+        return (users or body.messages)[-1].text()
+    p = body.prompt
+    if isinstance(p, list) and len(p) == 1 and isinstance(p[0], str):
+        p = p[0]
+    if not isinstance(p, str):
+        raise APIError(400, "prompt: a route takes one text prompt per request (each prompt is routed on its own)",
+                       param="prompt")
+    return p
+
+
+async def routed(server: Server, route: Route, body: CompletionBody | ChatBody, request: HTTPRequest,
+                 chat: bool):
+    """A request to `route:NAME`: decide, have the chosen model answer, and say which (field and header)."""
+    text = routing_text(body, chat)
+    if route.router.kind == "cascade":
+        return await cascade(server, route, body, request, chat, text)
+    try:
+        score = float((await run_in_threadpool(router_scores, route.router, [text]))[0])
+    except Exception as e:  # the router's own failure: an error body, not a traceback
+        raise APIError(500, f"route {route.name}: the router failed: {type(e).__name__}: {e}",
+                       type="server_error") from None
+    dest = "large" if decide(route.router, np.array([score]))[0] else "small"
+    return await answer_by(server, route, dest, body, request, chat, {"score": score})
+
+
+async def answer_by(server: Server, route: Route, dest: str, body: CompletionBody | ChatBody,
+                    request: HTTPRequest, chat: bool, facts: dict):
+    tag = route_tag(server, route, dest, facts)
+    model = route.small if dest == "small" else route.large
+    if isinstance(model, Remote):
+        return await answer_remote(server, route, model, body, chat, tag)
+    answer = answer_chat if chat else answer_completions
+    return (await answer(server, server.workers[model], body, request, tag))[0]
+
+
+async def cascade(server: Server, route: Route, body: CompletionBody | ChatBody, request: HTTPRequest,
+                  chat: bool, text: str):
+    """The small model answers, whole and with log-probs; its confidence decides whether that answer is the
+    response or the request goes to the large model."""
+    if body.n != 1:
+        raise APIError(400, f"n: {route.id} is a cascade, which answers with one choice (it decides on that "
+                            f"answer's confidence)", param="n")
+    asked_logprobs = body.logprobs if chat else body.logprobs is not None
+    first = body.model_copy(update={"stream": False, "stream_options": None,
+                                    "logprobs": True if chat else (body.logprobs or 0)})
+    answer = answer_chat if chat else answer_completions
+    resp, reqs = await answer(server, server.workers[route.small], first, request)
+    count_tokens(server, route, "small", resp.get("usage") or {})
+    r = reqs[0]
+    if r.finish_reason is None:  # the client went away while the small model answered
+        return Response(status_code=499)
+    lps = r.token_logprobs[:kept(r)]
+    value = SIGNALS[route.signal_name](lps) if lps else None
+    # an empty answer has no confidence to judge it by: the large model answers
+    score = math.inf if value is None else float(router_scores(route.router, [text], [value])[0])
+    facts = {"score": score, "signal_value": value}
+    if decide(route.router, np.array([score]))[0]:
+        return await answer_by(server, route, "large", body, request, chat, facts)
+    tag = route_tag(server, route, "small", facts)
+    server.metrics.route_requests.labels(route.name, "small").inc()  # its tokens are counted above
+    if not asked_logprobs:
+        for c in resp["choices"]:
+            c["logprobs"] = None
+    resp.update(tag.fields)
+    if body.stream:
+        include = bool(body.stream_options and body.stream_options.include_usage)
+        return stream(replay(resp, chat, include), None, tag.headers)
+    return JSONResponse(resp, headers=tag.headers)
+
+
+async def replay(resp: dict, chat: bool, include_usage: bool) -> AsyncIterator[str]:
+    """A whole answer as the chunks of a stream: a cascade's kept small answer, or a remote endpoint that
+    answered a stream request in one piece."""
+    top = {k: v for k, v in resp.items() if k not in ("object", "choices", "usage")}
+    obj = "chat.completion.chunk" if chat else "text_completion"
+    for c in resp.get("choices") or []:
+        if chat:
+            i, content = c.get("index", 0), (c.get("message") or {}).get("content") or ""
+            delta = {"role": "assistant", "content": content}
+            yield sse({**top, "object": obj, "choices": [{"index": i, "delta": delta, "logprobs": c.get("logprobs"),
+                                                          "finish_reason": None}]})
+            yield sse({**top, "object": obj, "choices": [{"index": i, "delta": {}, "logprobs": None,
+                                                          "finish_reason": c.get("finish_reason")}]})
+        else:
+            yield sse({**top, "object": obj, "choices": [c]})
+    if include_usage and resp.get("usage"):
+        yield sse({**top, "object": obj, "choices": [], "usage": resp["usage"]})
+
+
+async def answer_remote(server: Server, route: Route, remote: Remote, body: CompletionBody | ChatBody, chat: bool,
+                        tag: Tag):
+    """The request, as the client sent it (the fields it set), to the remote large model. A failure is a 502
+    naming the endpoint; it never reaches the client as a traceback."""
+    import httpx
+
+    path = "/chat/completions" if chat else "/completions"
+    payload = {**body.model_dump(mode="json", exclude_unset=True), "model": remote.lm.model}
+
+    def failed(why: str) -> APIError:
+        server.metrics.route_errors.labels(route.name, "large").inc()
+        return APIError(502, f"route {route.name}: the large model {remote.lm.name} failed: {why}",
+                        type="server_error", code="upstream_error", headers=tag.headers)
+
+    slot = Slot(server)
+    if not body.stream:
+        try:
+            data = await run_in_threadpool(remote.lm.post, path, payload)
+        except SlmforgeError as e:
+            raise failed(str(e)) from None
+        finally:
+            slot.release()
+        return respond({**data, **tag.fields}, tag)
+
+    payload["stream"] = True
+    payload["stream_options"] = {"include_usage": True}  # for the route's token and cost metrics
+    want_usage = bool(body.stream_options and body.stream_options.include_usage)
+    url = remote.lm.base_url + path
+    client = httpx.AsyncClient(headers=remote.headers, timeout=server.config.timeout_s)
+    try:  # opened before the response starts: a refused connection or an error status is still a plain 502
+        resp = await client.send(client.build_request("POST", url, json=payload), stream=True)
+        if resp.status_code != 200:
+            detail = (await resp.aread()).decode(errors="replace")[:200].replace("\n", " ")
+            await resp.aclose()
+            raise failed(f"{url}: HTTP {resp.status_code}: {detail}")
+    except httpx.HTTPError as e:
+        await client.aclose()
+        slot.release()
+        raise failed(f"{url}: {type(e).__name__}: {e}") from None
+    except BaseException:  # the 502 above, or the client gone: free what was taken
+        await client.aclose()
+        slot.release()
+        raise
+    got: dict = {}
+
+    async def events() -> AsyncIterator[str]:
+        try:
+            if not resp.headers.get("content-type", "").startswith("text/event-stream"):
+                data = json.loads(await resp.aread())  # an endpoint that does not stream: its answer in one piece
+                if not isinstance(data, dict):
+                    raise ValueError(f"an answer that is not an object: {str(data)[:100]}")
+                got.update(data.get("usage") or {})
+                async for event in replay({**data, **tag.fields}, chat, want_usage):
+                    yield event
+                return
+            async for line in resp.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                chunk = json.loads(data)
+                if not isinstance(chunk, dict):
+                    raise ValueError(f"a chunk that is not an object: {data[:100]}")
+                if isinstance(chunk.get("usage"), dict):
+                    got.update(chunk["usage"])
+                if not want_usage:
+                    if not chunk.get("choices") and "error" not in chunk:
+                        continue  # the usage chunk asked for above
+                    chunk.pop("usage", None)
+                yield sse({**chunk, **tag.fields})
+        except (httpx.HTTPError, ValueError) as e:  # stream() reports it in the stream
+            raise failed(f"{type(e).__name__}: {e}") from None
+        finally:
+            await resp.aclose()
+            await client.aclose()
+
+    return stream(events(), slot, tag.headers, lambda: tag.done(got))
