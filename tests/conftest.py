@@ -96,3 +96,17 @@ class LiveServer:
     def close(self) -> None:
         self.server.should_exit = True
         self.thread.join(5)
+
+
+def run_cli(capsys, monkeypatch, *args) -> tuple[int, str, str]:
+    """Run the CLI in this process, as `slmforge ARGS` would (main() turns errors into lines): (exit code,
+    stdout, stderr)."""
+    import sys
+
+    from slmforge import cli
+
+    monkeypatch.setattr(sys, "argv", ["slmforge", *map(str, args)])
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    out, err = capsys.readouterr()
+    return e.value.code or 0, out, err

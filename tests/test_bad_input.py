@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import run_cli as slm
 from conftest import small_corpus
-from slmforge import cli
 from slmforge.errors import SlmforgeError
 
 try:  # the stub is moving from the package to tests/
@@ -21,15 +21,6 @@ except ImportError:
     from slmforge.openai_stub import serve_stub
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
-def slm(capsys, monkeypatch, *args) -> tuple[int, str, str]:
-    """Run the CLI in this process, as `slmforge ARGS` would (main() turns errors into lines)."""
-    monkeypatch.setattr(sys, "argv", ["slmforge", *map(str, args)])
-    with pytest.raises(SystemExit) as e:
-        cli.main()
-    out, err = capsys.readouterr()
-    return e.value.code or 0, out, err
 
 
 def slm_subprocess(*args, timeout: float = 120) -> subprocess.CompletedProcess:

@@ -8,14 +8,13 @@ import json
 import math
 import shutil
 import socket
-import sys
 
 import pytest
 import torch
 from openai_stub import serve_stub
 
 from conftest import TINY_LLAMA, save_tiny_llama
-from slmforge import cli
+from conftest import run_cli as slm
 from slmforge.errors import SlmforgeError
 from slmforge.evaluate.card import (
     CLASSIFY_TEMPLATE,
@@ -230,14 +229,6 @@ def test_resume_measures_only_missing_or_changed_cells(tmp_path, files):
         assert [c for c in third["cells"] if c["suite"] != "translation:mt"] == \
                [c for c in card["cells"] if c["suite"] != "translation:mt"]
         assert {c["metrics"]["n"] for c in third["cells"] if c["suite"] == "translation:mt"} == {4}
-
-
-def slm(capsys, monkeypatch, *args) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["slmforge", *map(str, args)])
-    with pytest.raises(SystemExit) as e:
-        cli.main()
-    out, err = capsys.readouterr()
-    return e.value.code or 0, out, err
 
 
 def one_error(rc: int, err: str, *needles: str) -> None:

@@ -11,7 +11,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 onnx = pytest.importorskip("onnx")
 
-from slmforge import cli  # noqa: E402 - after the skips
+from conftest import run_cli  # noqa: E402 - after the skips
 from slmforge.config import ModelConfig  # noqa: E402
 from slmforge.convert.onnx import OnnxLM, export_onnx, onnx_generate, onnx_tokens_per_s  # noqa: E402
 from slmforge.infer.engine import SamplingParams, generate_ids  # noqa: E402
@@ -105,11 +105,9 @@ def test_greedy_matches_our_engine(exported, ours, tiny_tokenizer):
 
 
 def slm(capsys, monkeypatch, *args) -> tuple[int, str]:
-    """Run the CLI in this process, as `slmforge ARGS` would (main() turns errors into lines)."""
-    monkeypatch.setattr(sys, "argv", ["slmforge", *map(str, args)])
-    with pytest.raises(SystemExit) as e:
-        cli.main()
-    return e.value.code or 0, capsys.readouterr().err
+    """`slmforge ARGS` in this process: (exit code, stderr)."""
+    rc, _, err = run_cli(capsys, monkeypatch, *args)
+    return rc, err
 
 
 def one_error(rc: int, err: str, needle: str) -> None:

@@ -4,15 +4,13 @@ local model directory or an OpenAI-compatible server; resume after a kill, label
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from openai_stub import serve_stub
 
-from conftest import small_corpus
-from slmforge import cli
+from conftest import run_cli, small_corpus
 from slmforge.errors import ConfigError, SlmforgeError
 from slmforge.infer.sampling import SamplingParams
 from slmforge.lm import open_lm
@@ -190,11 +188,9 @@ def test_labels_drop_unmappable_answers_and_count_them(tmp_path, tiny_tokenizer)
 # --- bad input ------------------------------------------------------------------------------------------------
 
 def slm(capsys, monkeypatch, *args) -> tuple[int, str]:
-    """`slmforge ARGS` in this process; (exit code, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["slmforge", *map(str, args)])
-    with pytest.raises(SystemExit) as e:
-        cli.main()
-    return e.value.code or 0, capsys.readouterr().err
+    """`slmforge ARGS` in this process: (exit code, stderr)."""
+    rc, _, err = run_cli(capsys, monkeypatch, *args)
+    return rc, err
 
 
 def one_error(rc: int, err: str, *needles: str) -> None:

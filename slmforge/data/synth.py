@@ -130,13 +130,7 @@ def resume_ids(path: Path, recipe: str, seed: int) -> tuple[set[str], int]:
     Returns (ids, bytes cut). A row from another recipe or seed is an error: it would mix two runs."""
     if not path.is_file():
         return set(), 0
-    keep = _end_of_last_line(path)  # everything after the last newline is a cut line
-    cut = path.stat().st_size - keep
-    if cut:
-        with open(path, "r+b") as f:
-            f.truncate(keep)
-            f.flush()
-            os.fsync(f.fileno())
+    cut = cut_partial_last_line(path)
     ids: set[str] = set()
     prefix = f"{recipe}-{seed}-"
     with open(path, "rb") as f:  # streamed: a long run's file can be large
@@ -155,6 +149,19 @@ def resume_ids(path: Path, recipe: str, seed: int) -> tuple[set[str], int]:
                 raise SlmforgeError(f"{path}:{lineno}: duplicate id {rid!r}")
             ids.add(rid)
     return ids, cut
+
+
+def cut_partial_last_line(path: Path) -> int:
+    """Truncate what follows the file's last newline (a line a killed run left half-written), durably;
+    returns the bytes cut."""
+    keep = _end_of_last_line(path)
+    cut = path.stat().st_size - keep
+    if cut:
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+            f.flush()
+            os.fsync(f.fileno())
+    return cut
 
 
 def _end_of_last_line(path: Path, chunk: int = 1 << 16) -> int:

@@ -403,17 +403,11 @@ def _resume(path: Path, cfg: SeqDistillConfig, prompts: list[SeqPrompt], kind: s
     """(prompt, sample) pairs already answered in `path`, its number of rows, and the bytes cut off its end.
     A cut last line (a killed run) is removed first. A row made from another prompt at its index (the prompts
     file or the template changed) or of another kind is an error: never mixed in."""
-    from slmforge.data.synth import _end_of_last_line
+    from slmforge.data.synth import cut_partial_last_line
 
     if not path.is_file():
         return set(), 0, 0
-    keep = _end_of_last_line(path)  # everything after the last newline is a cut line
-    cut = path.stat().st_size - keep
-    if cut:
-        with open(path, "r+b") as f:
-            f.truncate(keep)
-            f.flush()
-            os.fsync(f.fileno())
+    cut = cut_partial_last_line(path)
     done: set[tuple[int, int]] = set()
     n_rows = 0
     fresh = f"; write to a new --out file (or delete {path})"
