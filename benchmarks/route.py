@@ -251,6 +251,7 @@ def _summarise_calibration(recs: list[dict], pooled: Outcomes) -> dict:
 # sst2: two models of ours behind `slmforge serve`, end to end
 
 SST2_RUNS = REPO / "runs" / "bench_route" / "sst2"  # (--quick: sst2-quick, removed after)
+LARGE_MINUTES = (7.0, 4.0)  # the large model's pretraining and fine-tuning budgets (--large-minutes)
 SST2_PROMPT = "{text}\nlabel:"  # the generative classifier's prompt (slmforge/train/rows.py CLASSIFY_PROMPT)
 
 
@@ -328,7 +329,8 @@ def part_sst2(quick: bool, embedders: list[str]) -> dict:
 
     runs = sst2_runs(quick)
     small = sst2_model("small", "200k", 4, 3, quick)
-    large = sst2_model("large", "3m", 7, 4, quick)
+    pre, ft = LARGE_MINUTES
+    large = sst2_model("large" if (pre, ft) == (7, 4) else f"large-{pre:g}+{ft:g}min", "3m", pre, ft, quick)
     data = Path(large["data"])
     val_rows, test_rows = list(read_jsonl(data / "val.jsonl")), list(read_jsonl(data / "test.jsonl"))
     if quick:
@@ -337,7 +339,8 @@ def part_sst2(quick: bool, embedders: list[str]) -> dict:
     port = 8731
     server = start_server({"small": small["model"], "large": large["model"]}, port)
     url = f"http://127.0.0.1:{port}/v1"
-    cached = runs / "answers.json"  # the served answers, kept: a rerun (or a crash after) does not re-ask
+    tag = Path(large["model"]).parent.name  # answers and card cells belong to this pair of models
+    cached = runs / f"answers-{tag}.json"  # the served answers, kept: a rerun (or a crash after) does not re-ask
     try:
         answers = {tuple(k.split("/")): v for k, v in json.loads(cached.read_text()).items()} \
             if cached.is_file() else {}
@@ -351,7 +354,7 @@ def part_sst2(quick: bool, embedders: list[str]) -> dict:
                                      for r in test_rows), encoding="utf-8")
         card = make_card(EvalCardConfig(
             models=[f"small=openai:{url}#small", f"large=openai:{url}#large"], large="large",
-            out=str(runs / "card"), api="completion", progress=False,
+            out=str(runs / f"card-{tag}"), api="completion", progress=False,
             suites=[SuiteSpec(kind="classification", file=str(test_file), template=SST2_PROMPT, max_tokens=3,
                               name="sst2-test")], speed_requests=4 if quick else 16))
     finally:
@@ -374,10 +377,10 @@ def part_sst2(quick: bool, embedders: list[str]) -> dict:
 
         shutil.rmtree(runs, ignore_errors=True)
         png.unlink(missing_ok=True)
-    return {"small": small, "large": large, "ratio_params": round(large["params"] / small["params"], 2),
+    return {"small": small, "large": large, "large_minutes": list(LARGE_MINUTES), "ratio_params": round(large["params"] / small["params"], 2),
             "served_accuracy": {"val_small": float(val.small.mean()), "val_large": float(val.large.mean()),
                                 "test_small": q_small, "test_large": q_large},
-            "card": {"summary": card.get("summary"), "files": [str(runs / "card" / f)
+            "card": {"summary": card.get("summary"), "files": [str(runs / f"card-{tag}" / f)
                                                                 for f in ("card.md", "card.json", "card.png")]},
             "routers": results, "served_router": served, "plot": str(png.relative_to(REPO)),
             "goal": "router >= 95% of the large model's test accuracy with <= 50% large calls"}
@@ -492,8 +495,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="a few subjects and epochs: checks the script, "
                                                          "measures nothing (writes nothing)")
     ap.add_argument("--embedders", default="tfidf", help="comma-separated: tfidf, tfidf-char, model:DIR, st:DIR")
+    ap.add_argument("--large-minutes", default="7,4", help="sst2: the large model's pretraining,fine-tuning minutes")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
+    global LARGE_MINUTES
+    LARGE_MINUTES = tuple(float(x) for x in args.large_minutes.split(","))
     torch.set_num_threads(THREADS)
     threadpool_limits(THREADS)  # numpy's and scikit-learn's BLAS too: the machine is shared
     if not DATA.is_dir() and "mmlu" in (args.part or list(PARTS)):
@@ -512,7 +518,8 @@ def main() -> None:
             results["env"] = {"torch": torch.__version__, "threads": THREADS, "python": platform.python_version(),
                               "machine": platform.processor() or platform.machine(),
                               "command": "python benchmarks/route.py" + (f" --embedders {args.embedders}"
-                                                                         if args.embedders != "tfidf" else "")}
+                                                                         if args.embedders != "tfidf" else "")
+                              + (f" --large-minutes {args.large_minutes}" if args.large_minutes != "7,4" else "")}
             write_json(args.out, results)
             print(f"wrote {args.out}")
 
