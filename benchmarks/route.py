@@ -426,15 +426,11 @@ def route_sst2(val: Outcomes, test: Outcomes, runs: Path, png: Path) -> dict:
     """Routers chosen and calibrated on validation (95% of the large model's accuracy), scored once on test;
     the cost-quality curve to `png`, the calibrated cascade router saved under runs/ (to serve it)."""
     from slmforge.errors import SlmforgeError
-    from slmforge.route import outcomes_from_rows, save_router
+    from slmforge.route import save_router
 
     half = len(val) // 2  # the learned router trains on one half of validation, is calibrated on the other
-    val_a = outcomes_from_rows([{"prompt": p, "small": bool(a), "large": bool(b), "mean_logprob": float(c)}
-                                for p, a, b, c in zip(val.prompts[:half], val.small[:half], val.large[:half],
-                                                      val.signal[:half], strict=True)], "sst2 val A", "mean_logprob")
-    val_b = outcomes_from_rows([{"prompt": p, "small": bool(a), "large": bool(b), "mean_logprob": float(c)}
-                                for p, a, b, c in zip(val.prompts[half:], val.small[half:], val.large[half:],
-                                                      val.signal[half:], strict=True)], "sst2 val B", "mean_logprob")
+    val_a = dataclasses.replace(val.take(range(half)), source="sst2 val A")
+    val_b = dataclasses.replace(val.take(range(half, len(val))), source="sst2 val B")
     routers = {"cascade (small's mean token log-prob)": (train_router(val, RouterConfig(router="cascade",
                                                                                       signal="mean_logprob")), val)}
     results, curves = {}, {}
