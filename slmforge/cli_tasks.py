@@ -54,12 +54,16 @@ def predict(
     top_g: Annotated[int, typer.Option(help="deeplog: an event outside the top g guesses is anomalous.")] = 9,
     top_k: Annotated[int, typer.Option(help="extract: keyphrases per row.")] = 10,
     limit: Annotated[int | None, typer.Option(help="Only the first N rows.")] = None,
+    beams: Annotated[int, typer.Option(help="generate: beam search with this many beams (1: greedy).")] = 1,
+    length_penalty: Annotated[float, typer.Option(
+        help="generate with beams: a finished output's log-probability is divided by length**this.")] = 1.0,
 ) -> None:
     """Batch inference over a JSONL file: {"id", "prediction", ...reference fields} per row."""
     from slmforge.infer.predict import predict_file
 
     s = predict_file(model, task, input, out, labels=labels.split(",") if labels else None, max_tokens=max_tokens,
-                     stop=stop or (), batch_size=batch, top_g=top_g, top_k=top_k, limit=limit, progress=True)
+                     stop=stop or (), batch_size=batch, top_g=top_g, top_k=top_k, limit=limit, progress=True,
+                     beams=beams, length_penalty=length_penalty)
     typer.echo(f"wrote {s['rows']} predictions to {out} in {s['seconds']:.1f} s ({s['rows_per_s']:.1f} rows/s)")
 
 

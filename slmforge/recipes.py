@@ -82,6 +82,8 @@ class PredictSpec:
     top_k: int = 10  # extract: keyphrases per document
     limit: int | None = None  # predict only the first N test rows
     labels: list[str] | None = None
+    beams: int = 1  # generate: beam search with this many beams (1: greedy)
+    length_penalty: float = 1.0  # generate with beams: log-probability / length**length_penalty
 
 
 @with_config(STRICT)
@@ -135,7 +137,8 @@ class Recipe:
     seed: int = 0
     model: ModelSpec | None = None
     pretrain: PretrainConfig | None = None  # the stage's own config: the same fields as `slmforge pretrain`
-    extras: list[str] = field(default_factory=list)  # hdfs_parse: parse raw HDFS lines, score their sessions
+    # hdfs_parse: parse raw HDFS lines, score their sessions; deeplog_protocol: DeepLog's own test protocol
+    extras: list[str] = field(default_factory=list)
     path: str = ""
 
 
@@ -181,6 +184,8 @@ def load_recipe(name_or_path: str | Path, overrides: dict | None = None) -> Reci
     def check_predict(p: PredictSpec, m) -> None:
         check(p.mode in MODES, m, "mode", f"one of {', '.join(MODES)}")
         check(p.top_k > 0, m, "top_k", "must be > 0")
+        check(p.beams > 0, m, "beams", "must be > 0")
+        check(p.beams == 1 or p.mode == "generate", m, "beams", "only for predict mode generate")
         check(not p.sweep_top_g or p.mode == "deeplog", m, "sweep_top_g", "only for predict mode deeplog")
         check(all(g > 0 for g in p.sweep_top_g), m, "sweep_top_g", "every top_g must be > 0")
 
@@ -223,7 +228,8 @@ def load_recipe(name_or_path: str | Path, overrides: dict | None = None) -> Reci
         check(not isinstance(section, dict) or "seed" not in section, section or raw, "seed",
               "the recipe's top-level seed is every stage's seed")
     for extra in recipe.extras:
-        check(extra in ("hdfs_parse",), raw, "extras", f"unknown extra {extra!r} (hdfs_parse)")
+        check(extra in ("hdfs_parse", "deeplog_protocol"), raw, "extras",
+              f"unknown extra {extra!r} (hdfs_parse, deeplog_protocol)")
     return recipe
 
 
@@ -352,7 +358,7 @@ def _copy_dir(src: Path, out: Path) -> None:
     write_dir_atomically(out, lambda tmp: shutil.copytree(src, tmp, dirs_exist_ok=True))
 
 
-def _hdfs_parse(data_dir: Path, best_model: Path, recipe: Recipe, run: Path) -> dict:
+def _hdfs_parse(data_dir: Path, best_model: Path, top_g: int, run: Path) -> dict:
     """Raw HDFS lines -> event templates (agreement with loghub's parse), and the sessions of those raw
     lines scored by the best model (no labels exist for them: the share flagged is reported)."""
     from slmforge.data.tasks import hdfs_parse_agreement, hdfs_sessions_from_log
@@ -361,7 +367,7 @@ def _hdfs_parse(data_dir: Path, best_model: Path, recipe: Recipe, run: Path) -> 
     agreement = hdfs_parse_agreement(data_dir)
     folder = data_dir / "loghub" / "HDFS"
     sessions = hdfs_sessions_from_log(folder / "HDFS_2k.log", folder / "HDFS_templates.csv")
-    scored = deeplog_scores(best_model, list(sessions.values()), recipe.predict.top_g)
+    scored = deeplog_scores(best_model, list(sessions.values()), top_g)
     rows = [json.dumps({"id": b, "events": ev, "prediction": "anomalous" if s["anomalous"] else "normal"})
             for (b, ev), s in zip(sessions.items(), scored, strict=True)]
     atomic_write_text(run / "raw_log_predictions.jsonl", "".join(r + "\n" for r in rows))
@@ -369,6 +375,39 @@ def _hdfs_parse(data_dir: Path, best_model: Path, recipe: Recipe, run: Path) -> 
     return {"parse": {k: v for k, v in agreement.items() if k != "disagreements"},
             "raw_log_sessions": len(scored), "raw_log_flagged_anomalous": flagged,
             "raw_log_flagged_pct": 100.0 * flagged / max(len(scored), 1)}
+
+
+def _deeplog_protocol(path: Path, best_model: Path, top_g: int) -> dict:
+    """The shipped model on DeepLog's own protocol (every held-out normal session and every abnormal one,
+    repeats and sessions seen in train included; hdfs.py's test_deeplog.jsonl, each distinct session once
+    with its count), for comparison with DeepLog's published figures. Also the recall on the abnormal
+    sessions that are prefixes of normal training sessions, and with the end of session not ranked (the
+    model as it was before: only its events ranked)."""
+    from slmforge.evaluate.tasks import binary_metrics
+    from slmforge.infer.predict import deeplog_scores
+
+    rows = list(read_jsonl(path))
+    scored = deeplog_scores(best_model, [r["events"] for r in rows], top_g)
+
+    def figures(flag: list[bool], keep: list[bool]) -> dict:
+        y_true = [r["label"] for r, k in zip(rows, keep, strict=True) for _ in range(r["count"]) if k]
+        y_pred = ["anomalous" if f else "normal" for r, f, k in zip(rows, flag, keep, strict=True)
+                  for _ in range(r["count"]) if k]
+        return binary_metrics(y_true, y_pred, positive="anomalous")
+
+    every = [True] * len(rows)
+    with_end = [s["anomalous"] for s in scored]
+    events_only = [bool(s["unknown_events"]) or any(r is not None and r > top_g for r in s["ranks"]) for s in scored]
+    cut = [r["label"] == "anomalous" and r["prefix_of_train"] for r in rows]
+    unseen = [not r["seen_in_train"] for r in rows]
+    return {"top_g": top_g, "sessions": sum(r["count"] for r in rows), "distinct": len(rows),
+            "abnormal": sum(r["count"] for r in rows if r["label"] == "anomalous"),
+            "abnormal_prefix_of_train": sum(r["count"] for r, c in zip(rows, cut, strict=True) if c),
+            "normal_seen_in_train": sum(r["count"] for r in rows if r["seen_in_train"]),
+            "all": figures(with_end, every), "unseen_in_train": figures(with_end, unseen),
+            "all_events_only": figures(events_only, every),
+            "recall_on_prefix_sessions": figures(with_end, cut)["recall"],
+            "recall_on_prefix_sessions_events_only": figures(events_only, cut)["recall"]}
 
 
 def _sweep_top_g(vdir: Path, values: list[int], recipe: Recipe) -> dict:
@@ -506,7 +545,8 @@ def run_recipe(recipe_path: str | Path | Recipe, out: str | Path | None = None, 
             if _stage(f"{v.name}: predict {path.relative_to(data)}", preds.is_file()):
                 stats = predict_file(vdir / "model", p.mode, path, preds, labels=p.labels, max_tokens=p.max_tokens,
                                      stop=p.stop, batch_size=p.batch_size, top_g=top_g, top_k=p.top_k,
-                                     limit=p.limit, progress=console.is_terminal)
+                                     limit=p.limit, progress=console.is_terminal, beams=p.beams,
+                                     length_penalty=p.length_penalty)
                 write_json(vdir / preds.name.replace("predictions.jsonl", "predict.json"), stats)
             if _stage(f"{v.name}: evaluate {path.relative_to(data)}", metrics_path.is_file()):
                 write_json(metrics_path, evaluate_predictions(e.task, preds, labels=e.labels or p.labels,
@@ -543,8 +583,11 @@ def run_recipe(recipe_path: str | Path | Recipe, out: str | Path | None = None, 
                             f"variants are chosen on validation data")
     _copy_dir(run / "variants" / chosen["variant"] / "model", run / "model")
     extras = {}
+    top_g = chosen["top_g"]["chosen"] if chosen.get("top_g") else recipe.predict.top_g  # as val chose it
     if "hdfs_parse" in recipe.extras:
-        extras["hdfs_parse"] = _hdfs_parse(resolve_data_dir(data_dir), run / "model", recipe, run)
+        extras["hdfs_parse"] = _hdfs_parse(resolve_data_dir(data_dir), run / "model", top_g, run)
+    if "deeplog_protocol" in recipe.extras:
+        extras["deeplog_protocol"] = _deeplog_protocol(data / "test_deeplog.jsonl", run / "model", top_g)
 
     report = {"recipe": recipe.name, "description": recipe.description, "recipe_file": recipe.path,
               "metric": recipe.eval.metric, "chosen_variant": chosen["variant"],

@@ -81,6 +81,30 @@ def test_deeplog_ranks_and_unknown_events(deeplog_dir, tmp_path):
     assert [r["prediction"] for r in _read(out)] == ["normal", "anomalous"]
 
 
+def test_deeplog_ranks_the_end_of_a_session(tmp_path):
+    """A session cut short ends where the trained model expects another event: its end ranks low, so
+    it is anomalous even though every event in it is the likeliest one; the whole session's end is rank 1."""
+    import torch
+
+    whole = [5, 5, 22, 11, 9, 26]
+    tok = train_tokenizer([" ".join(f"E{e}" for e in whole)] * 20, vocab_size=300)
+    model = LlamaModel(ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                   max_position_embeddings=64))
+    model.reset_parameters(seed=0)
+    ids = torch.tensor([tok.encode(" ".join(f"E{e}" for e in whole), bos=True, eos=True)])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(150):  # memorise the one normal session, its eos included
+        loss = torch.nn.functional.cross_entropy(model(ids[:, :-1])[0][0], ids[0, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    md = save_model_dir(tmp_path / "model", model, tok, {"stage": "test"})
+    full, cut = deeplog_scores(md, [whole, whole[:4]], top_g=1)
+    assert full["end_rank"] == 1 and not full["anomalous"]
+    assert all(r == 1 for r in cut["ranks"]) and cut["end_rank"] > 1 and cut["anomalous"]
+
+
 def test_bad_input_names_file_and_line(tiny_model_dir, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": 1, "prompt": "a"}\n{"id": 2, "prompt": \n')

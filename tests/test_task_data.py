@@ -149,8 +149,23 @@ def test_hdfs_sessions_normal_train_and_labelled_test(tmp_path):
     d = stats["test_normal_distinct"]
     assert d["unseen_in_train"] + d["seen_in_train"] + d["duplicates_dropped"] == 1000
     n = d["unseen_in_train"]
-    assert stats["counts"] == {"train": 4855 - 1500, "val": 2 * stats["val_labels"]["normal"], "test": 2 * n,
-                               "test_seen": d["seen_in_train"]}
+    counts = dict(stats["counts"])
+    full = counts.pop("test_deeplog")
+    assert counts == {"train": 4855 - 1500, "val": 2 * stats["val_labels"]["normal"], "test": 2 * n,
+                      "test_seen": d["seen_in_train"]}
+    # DeepLog's protocol: every held-out normal session and every abnormal one not in val, with counts;
+    # 36.9% of those abnormal sessions are proper prefixes of normal training sessions (sessions cut short).
+    deeplog = _rows(tmp_path / "test_deeplog.jsonl")
+    assert len(deeplog) == full
+    normal = [r for r in deeplog if r["label"] == "normal"]
+    abnormal = [r for r in deeplog if r["label"] == "anomalous"]
+    assert sum(r["count"] for r in normal) == 1000
+    assert sum(r["count"] for r in normal if r["seen_in_train"]) == 1000 - d["unseen_in_train"] - sum(
+        r["count"] - 1 for r in normal if not r["seen_in_train"])
+    val_abnormal = {r["text"] for r in _rows(tmp_path / "val.jsonl") if r["label"] == "anomalous"}
+    assert not val_abnormal & {r["text"] for r in abnormal}
+    cut = sum(r["count"] for r in abnormal if r["prefix_of_train"]) / sum(r["count"] for r in abnormal)
+    assert 0.36 < cut < 0.38
     train, test, seen = (_rows(tmp_path / f"{s}.jsonl") for s in ("train", "test", "test_seen"))
     assert "label" not in train[0] and train[0]["text"].split()[0].startswith("E")
     assert [int(t[1:]) for t in train[0]["text"].split()] == train[0]["events"]

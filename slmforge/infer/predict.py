@@ -97,9 +97,11 @@ def prompt_ids(tok: Tokenizer, where: str, rec: dict) -> tuple[list[int], str | 
 
 
 def generate(model_dir: str | Path, rows: list[tuple[str, dict]], max_tokens: int = 64,
-             stop: Sequence[str] = (), batch_size: int = 16, progress: bool = False) -> list[tuple[str, str | None]]:
-    """Greedy completions of each row's prompt (or chat), batched; (text, reference or None) per row.
-    A prompt longer than the context keeps its end, as fine-tuning does."""
+             stop: Sequence[str] = (), batch_size: int = 16, progress: bool = False, beams: int = 1,
+             length_penalty: float = 1.0) -> list[tuple[str, str | None]]:
+    """Greedy completions of each row's prompt (or chat), batched, or with beams > 1 beam search
+    (slmforge/infer/beam.py) one row at a time; (text, reference or None) per row. A prompt longer than
+    the context keeps its end, as fine-tuning does."""
     from slmforge.infer.engine import BatchEngine, Request, SamplingParams
 
     md = ModelDir.open(model_dir)
@@ -107,6 +109,10 @@ def generate(model_dir: str | Path, rows: list[tuple[str, dict]], max_tokens: in
     ctx = md.config.max_position_embeddings
     if max_tokens < 1 or max_tokens >= ctx:
         raise SlmforgeError(f"max_tokens {max_tokens} must be between 1 and the context ({ctx}) - 1")
+    if beams < 1:
+        raise SlmforgeError(f"--beams {beams}: must be at least 1")
+    if beams > 1:
+        return _beam_generate(model, tok, rows, max_tokens, stop, beams, length_penalty, progress)
     params = SamplingParams(max_new_tokens=max_tokens, temperature=0.0, stop=list(stop))
     engine = BatchEngine(model, tok, max_batch=batch_size, max_len=ctx)
     reqs, refs, trimmed = [], [], 0
@@ -127,6 +133,27 @@ def generate(model_dir: str | Path, rows: list[tuple[str, dict]], max_tokens: in
             if done:
                 bar.advance(task, done)
     return [(r.text.text.strip(), ref) for r, ref in zip(reqs, refs, strict=True)]
+
+
+def _beam_generate(model, tok: Tokenizer, rows: list[tuple[str, dict]], max_tokens: int, stop: Sequence[str],
+                   beams: int, length_penalty: float, progress: bool) -> list[tuple[str, str | None]]:
+    from slmforge.infer.beam import beam_search
+
+    # A stop string ends an output at the first token whose text holds it (the text is cut there below).
+    stop_ids = set(tok.stop_ids) | ({i for i in range(tok.vocab_size) if any(s in tok.decode([i]) for s in stop)}
+                                    if stop else set())
+    keep = model.config.max_position_embeddings - max_tokens
+    out = []
+    bar, total = _progress(len(rows), f"beam search ({beams} beams)", progress)
+    with bar, torch.inference_mode():
+        task = bar.add_task("gen", total=total)
+        for where, rec in rows:
+            ids, ref = prompt_ids(tok, where, rec)
+            text = tok.decode(beam_search(model, ids[-keep:], beams, max_tokens, stop_ids, length_penalty))
+            cut = min((text.find(s) for s in stop if s in text), default=len(text))
+            out.append((text[:cut].strip(), ref))
+            bar.advance(task)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -158,18 +185,24 @@ def deeplog_scores(model_dir: str | Path, sessions: list[list[int]], top_g: int 
     splits into " E" and the number; the numbers of the events that have one token are the candidates, and
     the model ranks them at each number position (P(" E") is shared by all candidates, so the number's
     probability ranks the events). An event whose number is not one token never occurred in training:
-    anomalous at once."""
+    anomalous at once.
+
+    The end of the session is ranked too, as one more guess: training documents end with eos, so after
+    the last event the model weighs "the session ends" (P(eos)) against every "one more event e"
+    (P(" E") * P(e | " E")). A session cut short — most of HDFS's abnormal sessions that look normal are
+    prefixes of normal ones — ends where the model expects more, and its end ranks below g."""
     md = ModelDir.open(model_dir)
     model, tok = md.load_model().eval(), md.load_tokenizer()
     ctx = md.config.max_position_embeddings
-    known = {}
+    known, e_tok = {}, None
     for e in range(0, 1000):
         piece = _event_piece(tok, e, first=False)
         if len(piece) == 2:
-            known[e] = piece[1]
+            known[e], e_tok = piece[1], piece[0]
     if not known:
         raise SlmforgeError(f"{md.path}: the tokenizer encodes no event 'E<n>' as two tokens; not a DeepLog model")
     cand = torch.tensor(sorted(set(known.values())))
+    rank_end = tok.eos_id is not None
     out = []
     bar, total = _progress(len(sessions), "scoring sessions", progress)
     with bar, torch.inference_mode():
@@ -182,10 +215,12 @@ def deeplog_scores(model_dir: str | Path, sessions: list[list[int]], top_g: int 
                 num_pos.append(len(ids) - 1 if e in known else None)
                 unknown.append(e not in known)
             ranks: list[int | None] = []
+            end_rank = None
             if ids:
+                probe = ids + [e_tok] if rank_end and events else ids  # " E" after the end: P(e | " E")
                 logits_all = []
-                for s in range(0, len(ids), ctx):  # sessions longer than the context: restart the history
-                    logits_all.append(model(torch.tensor(ids[s:s + ctx])[None])[0][0].float())
+                for s in range(0, len(probe), ctx):  # sessions longer than the context: restart the history
+                    logits_all.append(model(torch.tensor(probe[s:s + ctx])[None])[0][0].float())
                 logits = torch.cat(logits_all)
                 for p in num_pos:
                     if p is None or p == 0:
@@ -193,8 +228,14 @@ def deeplog_scores(model_dir: str | Path, sessions: list[list[int]], top_g: int 
                         continue
                     scores = logits[p - 1, cand]
                     ranks.append(int((scores > logits[p - 1, ids[p]]).sum()) + 1)
-            anomalous = any(unknown) or any(r is not None and r > top_g for r in ranks)
-            out.append({"anomalous": anomalous, "ranks": ranks, "unknown_events": sum(unknown)})
+                if probe is not ids:
+                    last = torch.log_softmax(logits[len(ids) - 1], -1)
+                    more = last[e_tok] + torch.log_softmax(logits[len(ids)], -1)[cand]
+                    end_rank = int((more > last[tok.eos_id]).sum()) + 1
+            anomalous = (any(unknown) or any(r is not None and r > top_g for r in ranks)
+                         or (end_rank is not None and end_rank > top_g))
+            out.append({"anomalous": anomalous, "ranks": ranks, "end_rank": end_rank,
+                        "unknown_events": sum(unknown)})
             bar.advance(task)
     return out
 
@@ -320,7 +361,7 @@ def extract_keyphrases(model_dir: str | Path, rows: list[tuple[str, dict]], top_
 def predict_file(model_dir: str | Path, mode: str, input_path: str | Path, out_path: str | Path,
                  labels: Sequence[str] | None = None, max_tokens: int = 64, stop: Sequence[str] = (),
                  batch_size: int = 16, top_g: int = 9, top_k: int = 10, limit: int | None = None,
-                 progress: bool = False) -> dict:
+                 progress: bool = False, beams: int = 1, length_penalty: float = 1.0) -> dict:
     """Predict every row of input_path with the model directory and write out_path; returns a summary."""
     if mode not in MODES:
         raise SlmforgeError(f"unknown predict task {mode!r}: one of {', '.join(MODES)}")
@@ -343,7 +384,7 @@ def predict_file(model_dir: str | Path, mode: str, input_path: str | Path, out_p
     if mode == "classify":
         preds = classify(model_dir, rows, labels, batch_size)
     elif mode == "generate":
-        gen = generate(model_dir, rows, max_tokens, stop, batch_size, progress)
+        gen = generate(model_dir, rows, max_tokens, stop, batch_size, progress, beams, length_penalty)
         preds = [text for text, _ in gen]
         extra = [{"completion": ref} if ref is not None else {} for _, ref in gen]
     elif mode == "extract":
@@ -356,8 +397,8 @@ def predict_file(model_dir: str | Path, mode: str, input_path: str | Path, out_p
     else:
         scored = deeplog_scores(model_dir, [session_events(w, r) for w, r in rows], top_g, progress)
         preds = ["anomalous" if s["anomalous"] else "normal" for s in scored]
-        extra = [{"max_rank": max((r for r in s["ranks"] if r is not None), default=None),
-                  "unknown_events": s["unknown_events"]} for s in scored]
+        extra = [{"max_rank": max((r for r in [*s["ranks"], s["end_rank"]] if r is not None), default=None),
+                  "end_rank": s["end_rank"], "unknown_events": s["unknown_events"]} for s in scored]
     lines = []
     for i, ((_, rec), pred, more) in enumerate(zip(rows, preds, extra, strict=True)):
         kept = {k: v for k, v in rec.items() if k not in INPUT_FIELDS and k != "id"}

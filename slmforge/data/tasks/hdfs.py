@@ -92,6 +92,8 @@ def prepare_hdfs(data_dir: str | Path, out_dir: str | Path, seed: int = 0, n_tes
         + [_session_row(f"hdfs-abnormal-{i}", abnormal[i], "anomalous") for i in test_abnormal],
         "test_seen": [_session_row(f"hdfs-normal-{i}", normal[i], "normal") for i in test_seen],
     }
+    splits["test_deeplog"] = _deeplog_protocol_rows(normal, abnormal, test_pool, train,
+                                                    {tuple(abnormal[i]) for i in val_abnormal})
     if not n_val:
         del splits["val"]
     events = Counter(e for s in normal for e in s)
@@ -107,6 +109,24 @@ def prepare_hdfs(data_dir: str | Path, out_dir: str | Path, seed: int = 0, n_tes
         "val_labels": {"normal": len(val_normal), "anomalous": n_abn_val},
         "train_event_vocab": sorted(events), "empty_sessions": sum(1 for s in normal + abnormal if not s),
         "sources": [str(normal_path), str(abnormal_path)]}, inputs)
+
+
+def _deeplog_protocol_rows(normal: list[list[int]], abnormal: list[list[int]], test_pool: list[int],
+                           train: list[int], val_abnormal: set[tuple]) -> list[dict]:
+    """DeepLog's own test protocol, for comparison with its published figures: every held-out normal
+    session and every abnormal one, repeats and sessions seen in train included (abnormal ones whose shape
+    is in val left out, since val chose g). Each distinct session once, with its "count"; the figures
+    weigh each by its count. Flags: "seen_in_train" (equal to a training session) and "prefix_of_train"
+    (a proper prefix of one: a session cut short, detectable only by where it ends)."""
+    seen = {tuple(normal[i]) for i in train}
+    prefixes = {tuple(normal[i][:k]) for i in train for k in range(1, len(normal[i]))}
+    rows = []
+    for label, counts in (("normal", Counter(tuple(normal[i]) for i in test_pool)),
+                          ("anomalous", Counter(tuple(s) for s in abnormal if tuple(s) not in val_abnormal))):
+        for j, (shape, n) in enumerate(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))):
+            rows.append({**_session_row(f"hdfs-deeplog-{label}-{j}", list(shape), label), "count": n,
+                         "seen_in_train": shape in seen, "prefix_of_train": shape in prefixes})
+    return rows
 
 
 # "081109 203615 148 INFO dfs.DataNode$PacketResponder: PacketResponder 1 for block blk_38 terminating"
