@@ -38,11 +38,13 @@ def fmt(x) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| recipe | wall | variant: val → test | chosen on val | test of chosen | metric |", "|---|---|---|---|---|---|"]
+    lines = ["| recipe | wall | variant: val → test | chosen on val | params | test of chosen | metric |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         cells = "; ".join(f"{v['variant']} {fmt(v['val_metric'])} → {fmt(v['metric'])}" for v in r["variants"])
         chosen = next(v for v in r["variants"] if v["variant"] == r["chosen_variant"])
-        lines.append(f"| {r['recipe']} | {r['wall_s'] / 60:.1f} min | {cells} | {r['chosen_variant']} | "
+        params = f"{chosen['params'] / 1e6:.2f}M" if chosen.get("params") else "–"
+        lines.append(f"| {r['recipe']} | {r['wall_s'] / 60:.1f} min | {cells} | {r['chosen_variant']} | {params} | "
                      f"**{fmt(chosen['metric'])}** | {r['metric']} |")
     return "\n".join(lines)
 

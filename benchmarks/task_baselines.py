@@ -9,10 +9,17 @@ recipes use) on test.jsonl, and on val.jsonl when the loader writes one.
     dialogsum   lead-3: the first three turns of the dialogue as the summary (and lead-1, lead-2); ROUGE-1/2/L
     pubmedqa    majority class of train; guessing at the training-label frequencies: accuracy and macro-F1,
     sst2        analytically (expected counts) and as the mean (and sd) of --draws seeded draws
+                and a bag-of-words classifier: TF-IDF of word 1-2-grams + logistic regression (scikit-learn),
+                C and class weights chosen on val, scored once on test — what a linear model reaches on the
+                same leak-free split, without any pretraining
     hdfs        every session anomalous; a session is anomalous when it holds an event (or an event
                 bigram) that no training session holds — a lookup table in place of DeepLog's LM
+    inspec      keyphrases scored both ways: macro F1@k (pke's: per document, averaged) and micro F1@k
+                (PromptRank's: counts pooled); Porter-stemmed exact match against every gold key. TF-IDF
+                (benchmarks/keyphrase_baseline.py's) and the extraction ceiling: an oracle that returns the
+                gold keys found in the abstract (no extractor can do better), and the gold-key statistics
 
-    python benchmarks/task_baselines.py                    # all four, --data ../shared/data
+    python benchmarks/task_baselines.py                    # all five, --data ../shared/data
     python benchmarks/task_baselines.py --tasks sst2 hdfs --draws 200
 
 Results go to benchmarks/results/task_baselines.json.
@@ -41,7 +48,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "slmforge" / "recipes"
 DEFAULT_DATA = ROOT.parent / "shared" / "data"
 DEFAULT_JSON = ROOT / "benchmarks" / "results" / "task_baselines.json"
-TASKS = {"dialogsum": "dialogsum.yaml", "pubmedqa": "pubmedqa.yaml", "sst2": "sst2.yaml", "hdfs": "hdfs-logs.yaml"}
+TASKS = {"dialogsum": "dialogsum.yaml", "pubmedqa": "pubmedqa.yaml", "sst2": "sst2.yaml", "hdfs": "hdfs-logs.yaml",
+         "inspec": "inspec.yaml"}
 
 
 def load_recipe_data(name: str) -> dict:
@@ -118,6 +126,65 @@ def classification_baselines(rows: list[dict], train_labels: list[str], labels: 
             "prior_guess_analytic": analytic, "prior_guess_drawn": drawn}
 
 
+def bag_of_words(train: list[dict], held: dict[str, list[dict]], labels: list[str]) -> dict:
+    """TF-IDF word 1-2-grams + logistic regression; C and class_weight chosen by val accuracy."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+
+    vec = TfidfVectorizer(ngram_range=(1, 2), min_df=1, sublinear_tf=True)
+    x = vec.fit_transform([r["text"] for r in train])
+    y = [str(r["label"]) for r in train]
+
+    def fit(c: float, weight: str | None) -> LogisticRegression:
+        return LogisticRegression(C=c, class_weight=weight, max_iter=2000).fit(x, y)
+
+    def score(model: LogisticRegression, rows: list[dict]) -> dict:
+        guess = model.predict(vec.transform([r["text"] for r in rows])).tolist()
+        r = classification_metrics([str(r["label"]) for r in rows], guess, labels)
+        return {"accuracy": round(r["accuracy"], 2), "macro_f1": round(r["macro_f1"], 2)}
+
+    grid = [(c, w) for c in (0.3, 1.0, 3.0, 10.0, 30.0) for w in (None, "balanced")]
+    val = {f"C={c},{w or 'unweighted'}": score(fit(c, w), held["val"]) for c, w in grid}
+    best = max(grid, key=lambda g: (val[f"C={g[0]},{g[1] or 'unweighted'}"]["accuracy"], -g[0]))
+    return {"features": len(vec.vocabulary_), "val_grid": val,
+            "chosen_on_val": f"C={best[0]},{best[1] or 'unweighted'}", "test": score(fit(*best), held["test"])}
+
+
+# --- inspec -------------------------------------------------------------------------------------------------
+
+def keyphrase_baselines(rows: list[dict], train: list[dict]) -> dict:
+    import math
+
+    from keyphrase_baseline import candidates
+
+    from slmforge.evaluate.tasks import keyphrase_metrics, stem_phrase
+
+    def both(pred: list[list[str]]) -> dict:
+        m = keyphrase_metrics(pred, [r["keyphrases"] for r in rows])
+        return {k: round(m[k], 2) for k in ("macro_f1@5", "macro_f1@10", "micro_f1@5", "micro_f1@10")}
+
+    def present(r: dict) -> list[str]:
+        text = f" {stem_phrase(r['prompt'])} "
+        return [k for k in r["keyphrases"] if f" {stem_phrase(k)} " in text]
+
+    df = Counter()
+    for r in train:
+        df.update({stem_phrase(c) for c in candidates(r["prompt"])})
+    tfidf = []
+    for r in rows:
+        cands = candidates(r["prompt"])
+        tf = Counter(stem_phrase(c) for c in cands)
+        surface: dict[str, str] = {}
+        for c in cands:
+            surface.setdefault(stem_phrase(c), c)
+        score = {s: tf[s] * math.log((len(train) + 1) / (df[s] + 1)) * (1 + 0.5 * (len(s.split()) - 1)) for s in tf}
+        tfidf.append([surface[s] for s in sorted(score, key=lambda s: -score[s])][:10])
+    keys = sum(len(r["keyphrases"]) for r in rows)
+    return {"n": len(rows), "gold_keys_per_doc": round(keys / len(rows), 2),
+            "gold_present_pct": round(100 * sum(len(present(r)) for r in rows) / keys, 2),
+            "tfidf": both(tfidf), "oracle_present_keys": both([present(r) for r in rows])}
+
+
 # --- hdfs ---------------------------------------------------------------------------------------------------
 
 def anomaly_baselines(rows: list[dict], train: list[dict]) -> dict:
@@ -154,10 +221,16 @@ def task_baselines(name: str, data_dir: Path, draws: int) -> dict:
             out[split] = summarization_baselines(rows)
         elif name == "hdfs":
             out[split] = anomaly_baselines(rows, train)
+        elif name == "inspec":
+            out[split] = keyphrase_baselines(rows, train)
         else:
             train_labels = [str(r["label"]) for r in train]
             labels = [str(x) for x in spec["eval"].get("labels") or sorted(set(train_labels))]
             out[split] = classification_baselines(rows, train_labels, labels, draws)
+    if name in ("sst2", "pubmedqa") and "val" in held:
+        train_labels = [str(r["label"]) for r in train]
+        labels = [str(x) for x in spec["eval"].get("labels") or sorted(set(train_labels))]
+        out["bag_of_words"] = bag_of_words(train, held, labels)
     return out
 
 
