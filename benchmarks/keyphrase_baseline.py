@@ -36,24 +36,31 @@ def candidates(text: str) -> list[str]:
     return out
 
 
+def tfidf_keyphrases(train_texts: list[str], texts: list[str], k: int = 10) -> list[list[str]]:
+    """The top k distinct-stem candidates of each text by tf x log idf over train_texts (multi-word up-weighted)."""
+    df = Counter()
+    for t in train_texts:
+        df.update({stem_phrase(c) for c in candidates(t)})
+    out = []
+    for t in texts:
+        cands = candidates(t)
+        tf = Counter(stem_phrase(c) for c in cands)
+        surface: dict[str, str] = {}
+        for c in cands:
+            surface.setdefault(stem_phrase(c), c)
+        score = {s: tf[s] * math.log((len(train_texts) + 1) / (df[s] + 1)) * (1 + 0.5 * (len(s.split()) - 1))
+                 for s in tf}
+        out.append([surface[s] for s in sorted(score, key=lambda s: -score[s])][:k])
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", type=Path, help="the inspec recipe's run folder (its data/ is read)")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "keyphrase_baseline.json")
     args = ap.parse_args()
     train, test = (list(read_jsonl(args.run / "data" / f"{s}.jsonl")) for s in ("train", "test"))
-    df = Counter()
-    for r in train:
-        df.update({stem_phrase(c) for c in candidates(r["prompt"])})
-    preds = []
-    for r in test:
-        cands = candidates(r["prompt"])
-        tf = Counter(stem_phrase(c) for c in cands)
-        surface: dict[str, str] = {}
-        for c in cands:
-            surface.setdefault(stem_phrase(c), c)
-        score = {s: tf[s] * math.log((len(train) + 1) / (df[s] + 1)) * (1 + 0.5 * (len(s.split()) - 1)) for s in tf}
-        preds.append([surface[s] for s in sorted(score, key=lambda s: -score[s])][:10])
+    preds = tfidf_keyphrases([r["prompt"] for r in train], [r["prompt"] for r in test])
     m = keyphrase_metrics(preds, [r["keyphrases"] for r in test])
     result = {"run": str(args.run), "train_docs": len(train), "test_docs": len(test),
               **{k: round(m[k], 2) for k in ("macro_f1@5", "macro_f1@10", "micro_f1@5", "micro_f1@10")}}

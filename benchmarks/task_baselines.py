@@ -153,9 +153,7 @@ def bag_of_words(train: list[dict], held: dict[str, list[dict]], labels: list[st
 # --- inspec -------------------------------------------------------------------------------------------------
 
 def keyphrase_baselines(rows: list[dict], train: list[dict]) -> dict:
-    import math
-
-    from keyphrase_baseline import candidates
+    from keyphrase_baseline import tfidf_keyphrases
 
     from slmforge.evaluate.tasks import keyphrase_metrics, stem_phrase
 
@@ -167,18 +165,7 @@ def keyphrase_baselines(rows: list[dict], train: list[dict]) -> dict:
         text = f" {stem_phrase(r['prompt'])} "
         return [k for k in r["keyphrases"] if f" {stem_phrase(k)} " in text]
 
-    df = Counter()
-    for r in train:
-        df.update({stem_phrase(c) for c in candidates(r["prompt"])})
-    tfidf = []
-    for r in rows:
-        cands = candidates(r["prompt"])
-        tf = Counter(stem_phrase(c) for c in cands)
-        surface: dict[str, str] = {}
-        for c in cands:
-            surface.setdefault(stem_phrase(c), c)
-        score = {s: tf[s] * math.log((len(train) + 1) / (df[s] + 1)) * (1 + 0.5 * (len(s.split()) - 1)) for s in tf}
-        tfidf.append([surface[s] for s in sorted(score, key=lambda s: -score[s])][:10])
+    tfidf = tfidf_keyphrases([r["prompt"] for r in train], [r["prompt"] for r in rows])
     keys = sum(len(r["keyphrases"]) for r in rows)
     return {"n": len(rows), "gold_keys_per_doc": round(keys / len(rows), 2),
             "gold_present_pct": round(100 * sum(len(present(r)) for r in rows) / keys, 2),

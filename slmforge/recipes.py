@@ -397,7 +397,7 @@ def _deeplog_protocol(path: Path, best_model: Path, top_g: int) -> dict:
 
     every = [True] * len(rows)
     with_end = [s["anomalous"] for s in scored]
-    events_only = [bool(s["unknown_events"]) or any(r is not None and r > top_g for r in s["ranks"]) for s in scored]
+    events_only = [s["anomalous_by_events"] for s in scored]
     cut = [r["label"] == "anomalous" and r["prefix_of_train"] for r in rows]
     unseen = [not r["seen_in_train"] for r in rows]
     return {"top_g": top_g, "sessions": sum(r["count"] for r in rows), "distinct": len(rows),

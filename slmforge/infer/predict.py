@@ -232,10 +232,10 @@ def deeplog_scores(model_dir: str | Path, sessions: list[list[int]], top_g: int 
                     last = torch.log_softmax(logits[len(ids) - 1], -1)
                     more = last[e_tok] + torch.log_softmax(logits[len(ids)], -1)[cand]
                     end_rank = int((more > last[tok.eos_id]).sum()) + 1
-            anomalous = (any(unknown) or any(r is not None and r > top_g for r in ranks)
-                         or (end_rank is not None and end_rank > top_g))
-            out.append({"anomalous": anomalous, "ranks": ranks, "end_rank": end_rank,
-                        "unknown_events": sum(unknown)})
+            by_events = any(unknown) or any(r is not None and r > top_g for r in ranks)
+            anomalous = by_events or (end_rank is not None and end_rank > top_g)
+            out.append({"anomalous": anomalous, "anomalous_by_events": by_events, "ranks": ranks,
+                        "end_rank": end_rank, "unknown_events": sum(unknown)})
             bar.advance(task)
     return out
 
