@@ -172,10 +172,35 @@ def test_time_budget_is_timed_by_train_itself_and_kept_on_resume(tmp_path, monke
                 eval_batches=lambda: [_random_batches(99)], on_eval=lambda step, v: evals.append(step))
     plan = res.plan
     assert plan["max_steps"] == res.step < 10_000 and plan["step_s"] > 0 and plan["eval_s"] > 0
-    assert plan["warmup_steps"] == max(1, int(res.step * 0.1 + 1e-9))
+    assert plan["warmup_steps"] == max(1, int(plan["planned_steps"] * 0.1 + 1e-9))  # the first plan's share
     assert evals[0] == 0  # the timed evaluation, then the real ones
     monkeypatch.setattr(loop, "BUDGET_PROBE_STEPS", 0)  # a second timing would fail (quantiles of nothing)
     again = train(LlamaModel(ModelConfig(**TINY)), _random_batches, cfg, tmp_path / "budget")
+    assert again.resumed_from == res.step and again.plan == plan
+
+
+def test_time_budget_is_planned_again_when_the_steps_slow_down(tmp_path):
+    """The probe's steps are fast and the real ones 10x slower (as when fine-tuning batches grow or another job
+    starts): the plan is made again from the real steps' wall time, and the run ends within its budget."""
+    calls = []
+
+    def slowing_batches(i):
+        calls.append(i)
+        if len(calls) > 8:  # after the probe's 8 steps
+            time.sleep(0.02)
+        return _random_batches(i)
+
+    budget_s = 3.0
+    cfg = TrainConfig(max_steps=10_000, max_minutes=budget_s / 60, batch_size=2, seq_len=16, eval_every=0,
+                      log_every=10, ckpt_every=0, threads=1, progress=False, precision="fp32")
+    t0 = time.time()
+    res = train(LlamaModel(ModelConfig(**TINY)), slowing_batches, cfg, tmp_path, eval_batches=lambda: [_random_batches(99)])
+    wall = time.time() - t0
+    plan = res.plan
+    assert res.step == plan["max_steps"] < plan["planned_steps"] / 3  # the probe planned far too many steps
+    assert plan["replans"] and plan["replans"][0]["s_per_step"] > 5 * plan["step_s"]
+    assert wall < budget_s * 1.25, (wall, plan)
+    again = train(LlamaModel(ModelConfig(**TINY)), _random_batches, cfg, tmp_path)  # the re-plan is kept
     assert again.resumed_from == res.step and again.plan == plan
 
 

@@ -13,7 +13,11 @@ produces bit-identical losses from there on.
 
 Time budget: with cfg.max_minutes set, train() times its own first steps before training (a few steps at
 learning rate 0, whose AdamW state is then dropped, and one evaluation) and lowers max_steps to what fits
-in the budget; the plan is kept in the checkpoint, so a resumed run keeps the same schedule. Resuming with
+in the budget. The first steps can be faster than the steady state (fine-tuning batches differ in length,
+caches warm up, another job starts), so the plan is made again from the measured wall time of the real
+steps (evaluations and checkpoints included) when BUDGET_REPLAN_AT of the budget is spent, and a run that still reaches its
+budget ends there with its final evaluation. The plan, with its re-plans, is kept in the checkpoint
+(written right after each re-plan), so a resumed run keeps the same schedule. Resuming with
 settings that change the schedule (batch, seq_len, lr, seed, max_steps, world size, ...) is refused unless
 cfg.force_resume.
 
@@ -58,6 +62,7 @@ PRECISIONS = ("auto", "bf16", "fp32")
 WSD_DECAY_FRACTION = 0.2  # warmup-stable-decay: the last 20% of steps decay to min_lr
 BUDGET_PROBE_STEPS = 8  # steps timed for max_minutes: the first 2 warm up, the lower quartile of the rest counts
 STEP_OVERHEAD = 1.05  # logging and checkpoints on top of the timed step
+BUDGET_REPLAN_AT = (0.1, 0.3, 0.6)  # shares of the time budget spent when the plan is made again from wall time
 # Settings that may change on resume without changing what is trained (the rest must match, or force_resume).
 RESUME_FREE = ("progress", "threads", "device", "keep_freed_memory", "log_every", "ckpt_every", "compile",
                "force_resume", "eval_every", "eval_batches", "best_metric", "best_mode", "patience")
@@ -528,13 +533,35 @@ def _train(model, get_batch, cfg, out, eval_batches, on_eval, loss_fn, resume, d
         console.print(f"time budget {cfg.max_minutes:g} min: {step_s:.3f} s a step, {eval_s:.2f} s an evaluation "
                       f"-> {steps} steps")
         return {"max_steps": steps, "step_s": round(step_s, 4), "eval_s": round(eval_s, 3),
-                "probe_s": round(time.time() - t_probe, 2), "max_minutes": cfg.max_minutes}
+                "probe_s": round(time.time() - t_probe, 2), "max_minutes": cfg.max_minutes, "planned_steps": steps, "replans": []}
+
+    def budget_used() -> float:
+        return plan["probe_s"] + elapsed0 + time.time() - t_start
+
+    def replan() -> int | None:
+        """The new max_steps when the run is at a re-plan point or out of time (None: keep the plan).
+        Steps per second come from this process's real steps, so what the probe missed is counted."""
+        budget, done = plan["max_minutes"] * 60, step - start_step
+        if done <= 0:
+            return None
+        if budget_used() + plan["eval_s"] >= budget:  # out of time: this step is the last
+            plan["cut_at"] = step
+            return step
+        k = len(plan.setdefault("replans", []))
+        if k >= len(BUDGET_REPLAN_AT) or budget_used() < BUDGET_REPLAN_AT[k] * budget or done < 3:
+            return None
+        per_step = (time.time() - t_start) / done
+        steps = step + int((budget - budget_used() - plan["eval_s"]) / per_step)
+        steps = max(step + 1, min(requested["max_steps"], steps))
+        plan["replans"].append({"step": step, "s_per_step": round(per_step, 4), "max_steps": steps})
+        console.print(f"time budget: {per_step:.3f} s a step so far -> {steps} steps (was {cfg.max_steps})")
+        return steps
 
     if cfg.max_minutes is not None and plan is None:
         plan = time_budget()
     if plan is not None or cfg.warmup_fraction is not None:
         plan = plan or {"max_steps": cfg.max_steps}
-        if cfg.warmup_fraction is not None:
+        if cfg.warmup_fraction is not None and "warmup_steps" not in plan:  # re-plans keep the first warmup
             plan["warmup_steps"] = max(1, int(plan["max_steps"] * cfg.warmup_fraction + 1e-9))
         cfg = replace(cfg, max_steps=plan["max_steps"], warmup_steps=plan.get("warmup_steps", cfg.warmup_steps))
 
@@ -543,7 +570,7 @@ def _train(model, get_batch, cfg, out, eval_batches, on_eval, loss_fn, resume, d
                   f"{cfg.precision}, {cfg.batch_size * cfg.seq_len * accum * world:,} tokens/step, "
                   f"steps {step}/{cfg.max_steps}")
     history: list[dict] = []
-    t_start = time.time()
+    t_start, start_step = time.time(), step
     win_tokens, win_time = 0, 0.0
     model.train()
     with _StopRequest() as stop, _progress(console, cfg, step) as (bar, task), \
@@ -557,6 +584,18 @@ def _train(model, get_batch, cfg, out, eval_batches, on_eval, loss_fn, resume, d
             grad_norm = optimizer_step()
             step += 1
             tokens += step_tokens * world
+            replanned = False
+            if plan is not None and plan.get("max_minutes") and step < cfg.max_steps:
+                new_steps = replan() if master else None
+                if world > 1:  # rank 0's clock decides, so every rank stops at the same step
+                    shared = torch.tensor([new_steps or 0], dtype=torch.float64, device=device)
+                    dist.broadcast(shared, src=0)
+                    new_steps = int(shared.item()) or None
+                if new_steps and new_steps != cfg.max_steps:
+                    plan["max_steps"] = new_steps
+                    cfg = replace(cfg, max_steps=plan["max_steps"])
+                    bar.update(task, total=cfg.max_steps)
+                    replanned = True
 
             do_eval = eval_batches is not None and (
                 step == cfg.max_steps or (cfg.eval_every and step % cfg.eval_every == 0))
@@ -610,7 +649,7 @@ def _train(model, get_batch, cfg, out, eval_batches, on_eval, loss_fn, resume, d
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX)
                 stopping = bool(flag.item())
             if step == cfg.max_steps or (cfg.ckpt_every and step % cfg.ckpt_every == 0) or stopping \
-                    or stopped_early:
+                    or stopped_early or replanned:
                 checkpoint()
             if stopping and step < cfg.max_steps and not stopped_early:
                 raise TrainingInterrupted(f"interrupted at step {step}/{cfg.max_steps}: checkpoint saved to "
