@@ -16,8 +16,9 @@ a report comparing ways of getting there:
 
 Every stage writes its output atomically and is skipped when that output exists, and training resumes
 from its checkpoint, so an interrupted run picks up where it stopped. Training budgets are minutes
-(`max_minutes` of the stage's config): train() times its own first steps and fixes the step count in its
-checkpoint, so a resumed run keeps the same schedule. `minutes_scale` shrinks (or grows) every budget at
+(`max_minutes` of the stage's config): train() times its own first steps, plans the step count, plans again
+from the real steps' wall time and stops at the budget; the plan is in its checkpoint, so a resumed run keeps
+the same schedule. `minutes_scale` shrinks (or grows) every budget at
 once. The recipe's `seed` is every stage's seed.
 """
 

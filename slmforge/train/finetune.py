@@ -113,13 +113,17 @@ class FinetuneConfig:
     # How long: max_steps when given, else epochs; then max_minutes may shorten it (timed by train()).
     epochs: float = setting(3.0, "Passes over the training data (when max_steps is not given).")
     max_steps: int | None = setting(None, "Optimizer steps (replaces epochs).", aliases=("--steps",))
-    max_minutes: float | None = setting(None, "Time budget: fewer steps when they do not fit (timed at the start).",
+    max_minutes: float | None = setting(None, "Time budget: fewer steps when they do not fit (timed at the start and as it runs).",
                                         aliases=("--minutes",))
     lr: float | None = setting(None, "Peak learning rate (default: 2e-5 full, 1e-3 LoRA).")
     min_lr: float | None = setting(None, "Final learning rate (default: lr/10).")
     warmup_fraction: float = setting(0.05, "Warmup steps as a share of the steps.")
     weight_decay: float = setting(0.0, "AdamW weight decay.")
     batch_size: int = setting(16, "Examples per micro-step.")
+    # a batch is padded to its longest row: random batches of captions or phrases are half padding
+    # off by default (as transformers'): where length follows content, like-length batches are less mixed
+    group_by_length: bool = setting(False, "Batch training rows of like length together (each epoch's batches "
+                                           "shuffled), so little compute goes to padding.")
     grad_accum: int = setting(1, "Micro-steps per optimizer step.")
     seq_len: int = setting(256, "Most tokens per example (longer ones keep their answer).")
     eval_every: int = setting(100, "Steps between evaluations (0: at the end only).")
@@ -258,8 +262,10 @@ def finetune(
 
     weight = balanced_class_weights(train_ex, len(labels)) if cfg.class_weights == "balanced" else None
 
+    lengths = tuple(len(e.ids) for e in train_ex) if cfg.group_by_length else None
+
     def get_batch(i: int) -> dict:
-        batch = make_batch([train_ex[j] for j in batch_indices(i, len(train_ex), bs, cfg.seed)], pad, cfg)
+        batch = make_batch([train_ex[j] for j in batch_indices(i, len(train_ex), bs, cfg.seed, lengths)], pad, cfg)
         return batch if weight is None else batch | {"weight": weight}
 
     val_batches = [make_batch(val_ex[s:s + bs], pad, cfg) for s in range(0, len(val_ex), bs)]

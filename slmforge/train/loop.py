@@ -71,7 +71,7 @@ RESUME_FREE = ("progress", "threads", "device", "keep_freed_memory", "log_every"
 @dataclass
 class TrainConfig:
     max_steps: int = 1000
-    max_minutes: float | None = None  # time budget: max_steps is lowered to what fits (timed at the start)
+    max_minutes: float | None = None  # time budget: max_steps is lowered to what fits (timed at the start and as it runs)
     batch_size: int = 16  # per rank, per micro-step
     grad_accum: int = 1
     seq_len: int = 256

@@ -34,7 +34,7 @@ class PretrainConfig:
     is a preset (CLI) or a recipe's `model:` section."""
 
     max_steps: int = setting(2000, "Optimizer steps (at most).", aliases=("--steps",))
-    max_minutes: float | None = setting(None, "Time budget: fewer steps when they do not fit (timed at the start).",
+    max_minutes: float | None = setting(None, "Time budget: fewer steps when they do not fit (timed at the start and as it runs).",
                                         aliases=("--minutes",))
     max_epochs: float | None = setting(None, "Never more passes than this over the training tokens.")
     batch_size: int = setting(32, "Sequences per micro-step (per rank).")

@@ -13,6 +13,7 @@ index (so the trainer core's exact resume holds).
 from __future__ import annotations
 
 import csv
+import math
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -312,8 +313,33 @@ def _epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-def batch_indices(i: int, n: int, batch_size: int, seed: int) -> list[int]:
-    """Example indices of batch i: consecutive slices of a fresh permutation per epoch (pure in i)."""
+LENGTH_GROUP_BATCHES = 50  # batches sorted together by length (transformers' LengthGroupedSampler uses 50)
+
+
+@lru_cache(maxsize=4)
+def _length_grouped_epoch(lengths: tuple[int, ...], batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
+    """The batches of one epoch, grouped by length: the epoch's permutation is cut into groups of
+    LENGTH_GROUP_BATCHES batches, each group sorted by length and cut into batches, and the batches shuffled.
+    A batch is padded to its longest row, so rows of like length waste little compute on padding."""
+    order = _epoch_order(len(lengths), seed, epoch)
+    size = batch_size * LENGTH_GROUP_BATCHES
+    lens = np.asarray(lengths)
+    batches = []
+    for start in range(0, len(order), size):
+        group = order[start:start + size]
+        group = group[np.argsort(-lens[group], kind="stable")]
+        batches += [group[b:b + batch_size] for b in range(0, len(group), batch_size)]
+    shuffle = np.random.default_rng([seed, epoch, 1]).permutation(len(batches))
+    return [batches[k] for k in shuffle]
+
+
+def batch_indices(i: int, n: int, batch_size: int, seed: int, lengths: tuple[int, ...] | None = None) -> list[int]:
+    """Example indices of batch i: consecutive slices of a fresh permutation per epoch (pure in i). With the
+    examples' lengths, batch i is one of its epoch's length-grouped batches (the last one of an epoch may be
+    smaller)."""
+    if lengths is not None:
+        per_epoch = math.ceil(n / batch_size)
+        return [int(j) for j in _length_grouped_epoch(lengths, batch_size, seed, i // per_epoch)[i % per_epoch]]
     out = []
     for p in range(i * batch_size, (i + 1) * batch_size):
         out.append(int(_epoch_order(n, seed, p // n)[p % n]))
