@@ -2,6 +2,7 @@
 
     slmforge run sst2 --out runs/recipes/sst2 --data ../shared/data     # ...and the other recipes
     python benchmarks/recipe_table.py runs/recipes --out benchmarks/results/recipes.json
+    python benchmarks/recipe_table.py runs/recipes --out benchmarks/results/task_quality.json --merge  # re-run rows
 
 Reads every runs/recipes/<name>/report.json (and its timings), keeps what the docs cite — data counts, the
 loader's overlap report, per variant the val and test figure, steps, params, train seconds, which variant
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 
@@ -31,6 +33,15 @@ def summarize(report: dict) -> dict:
         "peak_rss_mib": report.get("peak_rss_mib"), "minutes_scale": report["minutes_scale"],
         "extras": report.get("extras") or {},
     }
+
+
+def val_curve(metrics: Path) -> list[dict]:
+    """The chosen variant's evaluations: step, val loss and any val metric (the learning curve the docs cite)."""
+    if not metrics.is_file():
+        return []
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    return [{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()
+             if k == "step" or k.startswith("val_")} for r in rows if "val_loss" in r]
 
 
 def fmt(x) -> str:
@@ -53,10 +64,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", type=Path, help="folder holding one run folder per recipe")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/recipes.json"))
+    ap.add_argument("--merge", action="store_true", help="keep --out's rows of recipes not run here")
     args = ap.parse_args()
-    rows = [summarize(json.loads(p.read_text())) for p in sorted(args.runs.glob("*/report.json"))]
+    rows = []
+    for p in sorted(args.runs.glob("*/report.json")):
+        row = summarize(json.loads(p.read_text()))
+        row["measured_on"] = time.strftime("%Y-%m-%d", time.gmtime(p.stat().st_mtime))
+        row["val_curve"] = val_curve(p.parent / "variants" / row["chosen_variant"] / "metrics.jsonl")
+        rows.append(row)
     if not rows:
         raise SystemExit(f"error: {args.runs}: no */report.json (run the recipes first)")
+    if args.merge and args.out.is_file():
+        new = {r["recipe"] for r in rows}
+        rows = sorted([r for r in json.loads(args.out.read_text()) if r["recipe"] not in new] + rows,
+                      key=lambda r: r["recipe"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".tmp")
     tmp.write_text(json.dumps(rows, indent=1) + "\n")
