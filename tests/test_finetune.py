@@ -264,6 +264,24 @@ def test_bad_task_data_names_file_and_line(tmp_path, base_dir):
     assert "t.csv:2: missing field 'label'" in run("text,label\nno label here\n", task="classify", name="t.csv")
 
 
+def test_label_smoothing_mixes_the_target_with_a_uniform_one():
+    """(1 - eps) * NLL + eps * mean over the vocabulary of -log p, on answer tokens only; eps 0 is the plain loss."""
+    model = LlamaModel(ModelConfig(**TINY))
+    x = torch.randint(0, 320, (2, 9), generator=torch.Generator().manual_seed(0))
+    y = x.roll(-1, 1)
+    y[:, :3] = -100  # the prompt
+    batch = {"x": x, "y": y}
+    logp = torch.log_softmax(model(x)[0].float(), -1)[y != -100]
+    nll = -logp.gather(1, y[y != -100][:, None]).mean()
+    smoothed = 0.9 * nll + 0.1 * (-logp.mean(-1)).mean()
+    torch.testing.assert_close(ft_heads.lm_loss(model, batch, 0.1), smoothed)
+    torch.testing.assert_close(ft_heads.lm_loss(model, batch), nll)
+    assert ft_heads.loss_fn_of(FinetuneConfig(task="lm", label_smoothing=0.1))(model, batch) == \
+        ft_heads.lm_loss(model, batch, 0.1)
+    with pytest.raises(SlmforgeError, match="label_smoothing"):
+        FinetuneConfig(label_smoothing=1.0)
+
+
 def test_length_grouped_batches_cover_each_epoch_once_and_cut_padding():
     """Batches of like-length rows: every example once per epoch, batch i a pure function of i, a fresh
     grouping each epoch, and far less padding than random batches."""

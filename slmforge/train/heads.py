@@ -108,23 +108,30 @@ def frozen_linears_to_bf16(model: nn.Module) -> int:
     return n
 
 
-def lm_loss(model: nn.Module, batch: dict) -> torch.Tensor:
-    return model(batch["x"], batch["y"])[1]
+def lm_loss(model: nn.Module, batch: dict, label_smoothing: float = 0.0) -> torch.Tensor:
+    if not label_smoothing:
+        return model(batch["x"], batch["y"])[1]
+    logits = model(batch["x"])[0]
+    return F.cross_entropy(logits.float().flatten(0, 1), batch["y"].flatten(), ignore_index=IGNORE,
+                           label_smoothing=label_smoothing)
 
 
-def classifier_loss(model: nn.Module, batch: dict) -> torch.Tensor:
-    return F.cross_entropy(model(batch["x"], batch["last"]).float(), batch["label"], weight=batch.get("weight"))
+def classifier_loss(model: nn.Module, batch: dict, label_smoothing: float = 0.0) -> torch.Tensor:
+    return F.cross_entropy(model(batch["x"], batch["last"]).float(), batch["label"], weight=batch.get("weight"),
+                           label_smoothing=label_smoothing)
 
 
-def tagger_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+def tagger_loss(model: nn.Module, batch: dict, label_smoothing: float = 0.0) -> torch.Tensor:
     logits = model(batch["x"]).float()
-    return F.cross_entropy(logits.flatten(0, 1), batch["tags"].flatten(), ignore_index=IGNORE)
+    return F.cross_entropy(logits.flatten(0, 1), batch["tags"].flatten(), ignore_index=IGNORE,
+                           label_smoothing=label_smoothing)
 
 
 def loss_fn_of(cfg: FinetuneConfig):
-    if cfg.task == "tag":
-        return tagger_loss
-    return classifier_loss if cfg.classifier_head else lm_loss
+    loss = tagger_loss if cfg.task == "tag" else classifier_loss if cfg.classifier_head else lm_loss
+    if not cfg.label_smoothing:
+        return loss
+    return lambda model, batch: loss(model, batch, cfg.label_smoothing)
 
 
 def tag_f1(pred: torch.Tensor, gold: torch.Tensor) -> float:
