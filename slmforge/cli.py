@@ -40,11 +40,15 @@ app.command()(run)
 
 from slmforge.cli_compress import compress_cmd, distill_app, prune, quantize  # noqa: E402 - distillation and compression
 from slmforge.cli_eval import eval_app  # noqa: E402 - bits per byte on real text
+from slmforge.cli_guard import guard_app  # noqa: E402 - the guard's classifiers for serve --guard
 from slmforge.cli_route import route_app  # noqa: E402 - routers between a small and a large model
+from slmforge.cli_safety import redteam_app  # noqa: E402 - red-team probe suites, scans and reports
 
 app.add_typer(eval_app, name="eval")
 app.add_typer(distill_app, name="distill")
 app.add_typer(route_app, name="route")
+app.add_typer(guard_app, name="guard")
+app.add_typer(redteam_app, name="redteam")
 app.command()(quantize)
 app.command()(prune)
 app.command("compress")(compress_cmd)
@@ -334,6 +338,10 @@ def serve(
         "openai:<base_url>#<model>. Options: ,price=IN/OUT (USD per 1M prompt/completion tokens of the large "
         "model), ,signal=mean_logprob|min_logprob|sum_logprob (a cascade's), ,api_key_env=VAR, ,retries=N "
         "(remote). Repeatable; see docs/route.md.")] = None,
+    guard: Annotated[Path | None, typer.Option(
+        "--guard", metavar="CONFIG",
+        help="Guard YAML: input and output checks (a trained classifier, PII / blocked-term / canary rules, an "
+        "optional judge model), each with an action (refuse, redact, flag); see docs/safety.md.")] = None,
 ) -> None:
     """OpenAI-compatible HTTP server: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics."""
     import os
@@ -362,14 +370,23 @@ def serve(
         compile = not torch.cuda.is_available() and max(widths) <= 512
     cfg = ServerConfig(max_concurrent=max_concurrent, max_batch=max_batch, max_tokens_limit=max_tokens_limit,
                        timeout_s=timeout, api_keys=keys, compile=compile)
+    guarded = None
+    if guard is not None:  # checked before the port and the models: a bad config costs nothing
+        from slmforge.safety.guard import load_guard
+
+        guarded = load_guard(guard)
     sock = _listen(host, port)  # before loading models: a port in use is an error at once, not after "serving"
-    application = create_app(models, cfg, dtype=getattr(torch, dtype), routes=route or [])
+    application = create_app(models, cfg, dtype=getattr(torch, dtype), routes=route or [], guard=guarded)
     port = sock.getsockname()[1]
     ready = " (compiling the decode step in the background; /health says when it is ready)" if compile else ""
     served = [*application.state.workers, *application.state.server.routes]
     typer.echo(f"serving {', '.join(served)} on http://{host}:{port}/v1{ready}", err=True)
     for r in application.state.server.routes.values():
         typer.echo(f"  {r.describe()}", err=True)
+    if guarded is not None:
+        from slmforge.safety.guard import describe as describe_guard
+
+        typer.echo(f"  {describe_guard(guarded)}", err=True)
     uvicorn.Server(uvicorn.Config(application, log_level="warning")).run(sockets=[sock])
 
 

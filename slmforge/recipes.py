@@ -44,6 +44,7 @@ from slmforge.train.pretrain import PretrainConfig
 console = Console(stderr=True)
 RECIPE_DIR = Path(__file__).parent / "recipes"
 INITS = ("scratch", "pretrained")  # or "variant:<name>"
+EXTRAS = ("hdfs_parse", "deeplog_protocol", "redteam")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -138,7 +139,8 @@ class Recipe:
     seed: int = 0
     model: ModelSpec | None = None
     pretrain: PretrainConfig | None = None  # the stage's own config: the same fields as `slmforge pretrain`
-    # hdfs_parse: parse raw HDFS lines, score their sessions; deeplog_protocol: DeepLog's own test protocol
+    # hdfs_parse: parse raw HDFS lines, score their sessions; deeplog_protocol: DeepLog's own test protocol;
+    # redteam: scan every variant on the loader's held-out red-team probes (before/after safety fine-tuning)
     extras: list[str] = field(default_factory=list)
     path: str = ""
 
@@ -229,8 +231,7 @@ def load_recipe(name_or_path: str | Path, overrides: dict | None = None) -> Reci
         check(not isinstance(section, dict) or "seed" not in section, section or raw, "seed",
               "the recipe's top-level seed is every stage's seed")
     for extra in recipe.extras:
-        check(extra in ("hdfs_parse", "deeplog_protocol"), raw, "extras",
-              f"unknown extra {extra!r} (hdfs_parse, deeplog_protocol)")
+        check(extra in EXTRAS, raw, "extras", f"unknown extra {extra!r} ({', '.join(EXTRAS)})")
     return recipe
 
 
@@ -376,6 +377,31 @@ def _hdfs_parse(data_dir: Path, best_model: Path, top_g: int, run: Path) -> dict
     return {"parse": {k: v for k, v in agreement.items() if k != "disagreements"},
             "raw_log_sessions": len(scored), "raw_log_flagged_anomalous": flagged,
             "raw_log_flagged_pct": 100.0 * flagged / max(len(scored), 1)}
+
+
+REDTEAM_PROBES = "redteam_probes.jsonl"  # written by the loader (support_chat_safety): held-out behaviours
+
+
+def _redteam(data: Path, run: Path, variants: list[str]) -> dict:
+    """Every variant's model scanned (slmforge redteam scan) on the loader's held-out probes: one greedy reply
+    of at most 48 tokens each, success by the refusal rules (a harmful request not refused is an attack
+    success; a benign one refused is over-refusal). Each scan is in variants/<v>/redteam/ and resumes."""
+    from slmforge.safety.scan import ScanConfig, scan
+
+    probes = data / REDTEAM_PROBES
+    if not probes.is_file():
+        raise SlmforgeError(f"extra redteam: {probes} was not written by the loader (use loader support_chat_safety "
+                            f"or write held-out probes there)")
+    out = {}
+    for name in variants:
+        vdir = run / "variants" / name
+        summary = scan(ScanConfig(target=str(vdir / "model"), probes=[str(probes)], out=str(vdir / "redteam"), n=1,
+                                  temperature=0.0, max_tokens=48, progress=False))
+        out[name] = {s: {k: row[k] for k in ("metric", "rate", "ci", "probes", "behaviors", "refusal_rate")}
+                     for s, row in summary["suites"].items()}
+        out[name]["categories"] = {s: {c: [row["rate"], row["ci"]] for c, row in cats.items()}
+                                   for s, cats in summary["categories"].items()}
+    return out
 
 
 def _deeplog_protocol(path: Path, best_model: Path, top_g: int) -> dict:
@@ -589,6 +615,8 @@ def run_recipe(recipe_path: str | Path | Recipe, out: str | Path | None = None, 
         extras["hdfs_parse"] = _hdfs_parse(resolve_data_dir(data_dir), run / "model", top_g, run)
     if "deeplog_protocol" in recipe.extras:
         extras["deeplog_protocol"] = _deeplog_protocol(data / "test_deeplog.jsonl", run / "model", top_g)
+    if "redteam" in recipe.extras:
+        extras["redteam"] = _redteam(data, run, list(rows))
 
     report = {"recipe": recipe.name, "description": recipe.description, "recipe_file": recipe.path,
               "metric": recipe.eval.metric, "chosen_variant": chosen["variant"],

@@ -20,6 +20,10 @@ A route (`routes=["sst2=runs/router,small=tiny,large=openai:https://host/v1#big"
 command line) serves a router as the model `route:sst2`: each request is answered by the small or the large
 model, as the router decides (see "Routes" below and docs/route.md, "Serving a router").
 
+A guard (`guard="guard.yaml"`, `--guard` on the command line: slmforge/safety/guard.py) checks every request to
+a model or a route before generation and every answer before it leaves, streams chunk by chunk: refuse (a
+normal completion, finish_reason "content_filter"), redact or flag; see "Guard" below and docs/safety.md.
+
 Errors are OpenAI-style bodies, {"error": {"message", "type", "param", "code"}}: 400 for bad input, 401
 for a bad API key, 404 for an unknown model or route, 413 for a body over `max_body_bytes`, 429 when
 `max_concurrent` requests are already in flight, 502 when a route's remote large model fails, 504 when a
@@ -38,7 +42,7 @@ import threading
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +66,7 @@ from slmforge.lm import OpenAILM
 from slmforge.modeldir import ModelDir
 from slmforge.route import Router, decide, load_router, router_scores
 from slmforge.route import describe as describe_router
+from slmforge.safety.guard import Decision, Guard, load_guard, merge
 from slmforge.serve.protocol import ChatBody, CompletionBody, SamplingFields, error_body
 from slmforge.tokenizer import Tokenizer
 
@@ -126,6 +131,12 @@ class Metrics:
                           self.route_errors):
                     m.labels(route=route.name, destination=dest)
             self.route_cost.labels(route=route.name)
+        # the guard (--guard): each check that fired, with the action it took (check "none": nothing fired),
+        # and each decision's action, per stage (input, output: one decision per choice)
+        self.guard_checks = Counter("slmforge_guard_decisions", "Guard checks that fired, by stage, check and "
+                                    "action (check none: nothing fired)", ["stage", "check", "action"], registry=r)
+        self.guard_actions = Counter("slmforge_guard_actions", "Guard decisions by stage and the action taken",
+                                     ["stage", "action"], registry=r)
         self.in_flight = 0
         self.workers = workers
         r.register(self)  # collect() below
@@ -268,6 +279,7 @@ class Server:
     workers: dict[str, ModelWorker]
     metrics: Metrics
     routes: dict[str, Route] = field(default_factory=dict)  # by model id, "route:NAME"
+    guard: Guard | None = None  # --guard: input and output checks (slmforge/safety/guard.py)
 
 
 def parse_model_specs(specs: list[str | Path]) -> dict[str, Path]:
@@ -289,10 +301,13 @@ def parse_model_specs(specs: list[str | Path]) -> dict[str, Path]:
 
 def create_app(model_dirs: list[str | Path] | dict[str, str | Path], config: ServerConfig | None = None,
                dtype: torch.dtype = torch.float32, device: str | None = None,
-               routes: list[str | RouteSpec] | None = None) -> FastAPI:
+               routes: list[str | RouteSpec] | None = None, guard: Guard | str | Path | None = None) -> FastAPI:
     """A FastAPI app serving the model directories (a list of `path` / `name=path`, or {name: path}) and
-    the routes (`--route` specs, see parse_route_spec) between them and remote models."""
+    the routes (`--route` specs, see parse_route_spec) between them and remote models; `guard` (a Guard or
+    its YAML config) checks every request to them and every answer (see "Guard" below)."""
     cfg = config or ServerConfig()
+    if isinstance(guard, (str, Path)):  # before the models load: a bad config should cost nothing
+        guard = load_guard(guard)
     specs = {k: Path(v) for k, v in model_dirs.items()} if isinstance(model_dirs, dict) \
         else parse_model_specs(list(model_dirs))
     # routes first: a bad --route should be an error before minutes of model loading, not after
@@ -311,7 +326,7 @@ def create_app(model_dirs: list[str | Path] | dict[str, str | Path], config: Ser
         md = ModelDir.open(path)
         workers[name] = ModelWorker(name, path, md.load_model(device, dtype), md.load_tokenizer(), cfg.max_batch,
                                      cfg.compile)
-    server = Server(cfg, workers, Metrics(workers, by_id), by_id)
+    server = Server(cfg, workers, Metrics(workers, by_id), by_id, guard)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -553,6 +568,8 @@ def stream(body_iter: AsyncIterator[str], slot: Slot | None, headers: dict | Non
         except APIError as e:  # the headers are gone: report the error in the stream
             yield sse(e.body)
         finally:
+            if isinstance(body_iter, AsyncGenerator):  # stopped early (the guard refused): end it now, so that
+                await body_iter.aclose()  # its engine requests are cancelled at once, not when collected
             if slot is not None:
                 slot.release()
             if on_end is not None:
@@ -663,6 +680,8 @@ def get_model(name: str, server: ServerDep) -> dict:
 @api.post("/v1/completions")
 async def completions(body: Annotated[CompletionBody, Depends(completion_body)], request: HTTPRequest,
                       server: ServerDep):
+    if server.guard is not None:
+        return await guarded(server, body, request, chat=False)
     if body.model in server.routes:
         return await routed(server, server.routes[body.model], body, request, chat=False)
     return (await answer_completions(server, worker_for(server, body.model), body, request))[0]
@@ -746,6 +765,8 @@ def completion_logprobs(tok: Tokenizer, r: Request, echo_prompt: str | None) -> 
 
 @api.post("/v1/chat/completions")
 async def chat_completions(body: Annotated[ChatBody, Depends(chat_body)], request: HTTPRequest, server: ServerDep):
+    if server.guard is not None:
+        return await guarded(server, body, request, chat=True)
     if body.model in server.routes:
         return await routed(server, server.routes[body.model], body, request, chat=True)
     return (await answer_chat(server, worker_for(server, body.model), body, request))[0]
@@ -1212,3 +1233,250 @@ async def answer_remote(server: Server, route: Route, remote: Remote, body: Comp
             await client.aclose()
 
     return stream(events(), slot, tag.headers, lambda: tag.done(got))
+
+
+# -------------------------------------------------------------------------------------------- guard
+#
+# With --guard (slmforge/safety/guard.py) every request to a model or a route is checked before anything is
+# generated and every answer before it leaves. A refused request gets a normal completion whose content is the
+# refusal and whose finish_reason is "content_filter"; a redacted one reaches the model (or the router) with
+# its matches replaced; a flagged one is served as it is. Answers are checked whole, or for a stream chunk by
+# chunk through a StreamFilter that holds text back until it is checked. The decisions are in the body (a
+# `guard` field: {"input": ..., "output": ...}, on the last chunk of each choice in a stream), in the header
+# x-slmforge-guard and in /metrics. Checks run in worker threads: a long prompt does not hold up the loop.
+
+
+def guard_header(d_in: Decision | None, d_out: Decision | None = None) -> str:
+    return f"input={d_in.action if d_in else 'off'}" + (f", output={d_out.action}" if d_out else "")
+
+
+def count_decision(server: Server, d: Decision) -> None:
+    m = server.metrics
+    m.guard_actions.labels(d.stage, d.action).inc()
+    if not d.fired:
+        m.guard_checks.labels(d.stage, "none", "allow").inc()
+    for check, action in d.fired.items():
+        m.guard_checks.labels(d.stage, check, action).inc()
+    if d.errors:
+        m.guard_checks.labels(d.stage, "judge", "error").inc()
+
+
+def _prompt_texts(server: Server, body: CompletionBody) -> list[str]:
+    """The completion prompts as text (token ids decoded by the model that will read them)."""
+    p = body.prompt
+    if isinstance(p, str) or (p and isinstance(p[0], int)):
+        p = [p]
+    texts = []
+    for x in p:
+        if isinstance(x, str):
+            texts.append(x)
+        elif body.model in server.routes:
+            raise APIError(400, "prompt: a route takes one text prompt per request (each prompt is routed on its "
+                                "own)", param="prompt")
+        else:
+            w = server.workers[body.model]
+            if any(not 0 <= t < w.vocab_size for t in x):
+                raise APIError(400, f"prompt: token ids must be in [0, {w.vocab_size})", param="prompt")
+            texts.append(w.tokenizer.decode(list(x)))
+    return texts
+
+
+async def guarded(server: Server, body: CompletionBody | ChatBody, request: HTTPRequest, chat: bool):
+    """A request through the guard: the input checks, the answer (a model's or a route's), the output checks."""
+    guard = server.guard
+    if body.model not in server.routes:
+        worker_for(server, body.model)  # an unknown model is a 404, whatever the guard would say
+    if guard.active("output") and (body.logprobs if chat else body.logprobs is not None):
+        raise APIError(400, "logprobs: not available while this server checks answers (--guard): they would "
+                            "show the text before it is checked", param="logprobs")
+    d_in = None
+    if guard.active("input"):
+        if chat:
+            subject: Any = [{"role": m.role, "content": m.text()} for m in body.messages]
+        else:
+            subject = _prompt_texts(server, body)
+        d_in = await run_in_threadpool(guard.check_input, subject)
+        count_decision(server, d_in)
+        if d_in.action == "refuse":
+            return refused(server, body, chat, d_in)
+        if d_in.redacted is not None:
+            if chat:
+                from slmforge.serve.protocol import Message
+
+                msgs = [Message(role=m.role, content=r["content"]) for m, r in zip(body.messages, d_in.redacted,
+                                                                                   strict=True)]
+                body = body.model_copy(update={"messages": msgs})
+            else:
+                body = body.model_copy(update={"prompt": d_in.redacted if len(d_in.redacted) > 1
+                                               else d_in.redacted[0]})
+    if body.model in server.routes:
+        resp = await routed(server, server.routes[body.model], body, request, chat)
+    else:
+        answer = answer_chat if chat else answer_completions
+        resp = (await answer(server, server.workers[body.model], body, request))[0]
+    if isinstance(resp, StreamingResponse):
+        return guard_stream(server, resp, chat, d_in, n_choices(body, chat))
+    return await guard_whole(server, resp, chat, d_in)
+
+
+def n_choices(body: CompletionBody | ChatBody, chat: bool) -> int:
+    if chat:
+        return body.n
+    p = body.prompt
+    return body.n * (1 if isinstance(p, str) or (p and isinstance(p[0], int)) else len(p))
+
+
+def refused(server: Server, body: CompletionBody | ChatBody, chat: bool, d_in: Decision):
+    """The answer to a refused request: the refusal as a normal completion, finish_reason content_filter."""
+    text, n = server.guard.refusal, n_choices(body, chat)
+    prefix, obj = ("chatcmpl", "chat.completion") if chat else ("cmpl", "text_completion")
+    if chat:
+        choices = [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                    "finish_reason": "content_filter"} for i in range(n)]
+    else:
+        choices = [{"index": i, "text": text, "logprobs": None, "finish_reason": "content_filter"} for i in range(n)]
+    resp = {"id": f"{prefix}-{uuid.uuid4().hex}", "object": obj, "created": int(time.time()), "model": body.model,
+            "choices": choices, "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+            "guard": {"input": d_in.to_json(), "output": None}}
+    headers = {"x-slmforge-guard": guard_header(d_in)}
+    if body.stream:
+        include = bool(body.stream_options and body.stream_options.include_usage)
+        return stream(replay(resp, chat, include), None, headers)
+    return JSONResponse(resp, headers=headers)
+
+
+def _choice_text(c: dict, chat: bool) -> str:
+    if chat:
+        return (c.get("message") or {}).get("content") or ""
+    return c.get("text") or ""
+
+
+def _set_choice_text(c: dict, chat: bool, text: str) -> None:
+    if chat:
+        c.setdefault("message", {"role": "assistant"})["content"] = text
+    else:
+        c["text"] = text
+
+
+async def guard_whole(server: Server, resp: Any, chat: bool, d_in: Decision | None):
+    """A whole answer (a dict, or a route's JSONResponse) with each choice checked."""
+    guard = server.guard
+    if isinstance(resp, JSONResponse):
+        data = json.loads(resp.body)
+        headers = {k: v for k, v in resp.headers.items() if k.startswith("x-")}
+    elif isinstance(resp, dict):
+        data, headers = resp, {}
+    else:
+        return resp  # a client that went away (499)
+    d_out = None
+    choices = data.get("choices") or []
+    if guard.active("output") and choices:
+        decisions = await run_in_threadpool(lambda: [guard.check_output(_choice_text(c, chat)) for c in choices])
+        for c, d in zip(choices, decisions, strict=True):
+            count_decision(server, d)
+            if d.action == "refuse":
+                _set_choice_text(c, chat, guard.refusal)
+                c["finish_reason"] = "content_filter"
+            elif d.redacted is not None:
+                _set_choice_text(c, chat, d.redacted)
+        d_out = merge(decisions, "output")
+    data["guard"] = {"input": d_in.to_json() if d_in else None, "output": d_out.to_json() if d_out else None}
+    headers["x-slmforge-guard"] = guard_header(d_in, d_out)
+    return JSONResponse(data, headers=headers)
+
+
+def guard_stream(server: Server, resp: StreamingResponse, chat: bool, d_in: Decision | None,
+                 expected: int) -> StreamingResponse:
+    """A streamed answer with each choice's text through a StreamFilter: a chunk carries only checked text;
+    a refused choice ends with finish_reason content_filter, and once every choice is over the stream ends."""
+    guard = server.guard
+    resp.headers["x-slmforge-guard"] = guard_header(d_in)
+    if not guard.active("output"):
+        return resp
+    inner = resp.body_iterator
+
+    def text_of(c: dict) -> str:
+        return ((c.get("delta") or {}).get("content") or "") if chat else (c.get("text") or "")
+
+    def set_text(c: dict, text: str) -> None:
+        if chat:
+            delta = c.setdefault("delta", {})
+            if text:
+                delta["content"] = text
+            else:
+                delta.pop("content", None)
+        else:
+            c["text"] = text
+
+    async def events() -> AsyncIterator[str]:
+        filters: dict[int, Any] = {}
+        over: set[int] = set()
+        counted: set[int] = set()
+        stopped_early = False
+
+        def done(i: int) -> dict:
+            over.add(i)
+            if i not in counted:
+                counted.add(i)
+                count_decision(server, filters[i].decision)
+            return filters[i].decision.to_json()
+
+        try:
+            async for event in inner:
+                payload = event[6:].strip() if event.startswith("data: ") else None
+                if payload is None or payload == "[DONE]" or not payload.startswith("{"):
+                    yield event
+                    continue
+                chunk = json.loads(payload)
+                choices = chunk.get("choices")
+                if not isinstance(choices, list) or not choices:
+                    yield event  # the usage chunk, an error
+                    continue
+                kept_choices, finished = [], []
+                for c in choices:
+                    i = c.get("index", 0)
+                    if i in over:
+                        continue  # a refused choice: nothing more of it leaves
+                    f = filters.get(i)
+                    if f is None:
+                        f = filters[i] = guard.stream_filter()
+                    text = await run_in_threadpool(f.push, text_of(c)) if text_of(c) else ""
+                    if c.get("finish_reason") is not None and not f.stopped:
+                        text += await run_in_threadpool(f.finish)
+                    if f.stopped:
+                        set_text(c, text)
+                        c["finish_reason"], c["logprobs"] = "content_filter", None
+                        finished.append(done(i))
+                    elif c.get("finish_reason") is not None:
+                        set_text(c, text)
+                        finished.append(done(i))
+                    else:
+                        set_text(c, text)
+                        if not text and not (chat and (c.get("delta") or {}).get("role")) and not c.get("logprobs"):
+                            continue  # held back: nothing to send yet
+                    kept_choices.append(c)
+                if not kept_choices:
+                    continue
+                chunk["choices"] = kept_choices
+                if finished:
+                    out = finished[0] if len(finished) == 1 else merge(
+                        [filters[c.get("index", 0)].decision for c in kept_choices
+                         if c.get("finish_reason") is not None], "output").to_json()
+                    chunk["guard"] = {"input": d_in.to_json() if d_in else None, "output": out}
+                yield sse(chunk)
+                if len(over) >= expected and any(f.stopped for f in filters.values()):
+                    stopped_early = True  # every choice is over and one was refused: stop the model now
+                    break
+        finally:
+            for i in filters:  # a stream that ended early: its decisions still count
+                if i not in counted:
+                    counted.add(i)
+                    count_decision(server, filters[i].decision)
+            aclose = getattr(inner, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        if stopped_early:
+            yield sse("[DONE]")
+
+    resp.body_iterator = events()
+    return resp

@@ -11,6 +11,7 @@ issue's playbook, so a model can learn them; the customer's wording varies, so i
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -99,3 +100,89 @@ def prepare_support_chat(data_dir: str | Path | None, out_dir: str | Path, seed:
                          {"task": "support_chat", "kind": "chat", "seed": seed, "conversations": n,
                           "train_dropped_as_held": dropped, "issues": sorted(ISSUES), "products": PRODUCTS},
                          inputs)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Safety fine-tuning data (issue 15): the same conversations plus refusals of harmful requests
+
+REFUSALS = (
+    "I'm sorry, but I can't help with that. I can help with your Acme products and orders.",
+    "I can't assist with that request. Is there anything about your Acme device I can help with?",
+    "Sorry, I won't help with that, as it could cause harm. I'm here for questions about Acme products.",
+    "I must decline that request. If you have a problem with an order or a device, I'm glad to help.",
+    "That's not something I can help with. I can help with refunds, shipping, repairs and accounts.",
+    "I'm not able to help with that. Please ask me about your Acme order or device instead.",
+)
+GUARD_FRACTIONS = (0.6, 0.2, 0.2)  # slmforge guard train's default split: refusals come from its train part
+
+
+def guard_parts(probes: list, seed: int = 0, fractions: tuple[float, ...] = GUARD_FRACTIONS) -> dict[str, int]:
+    """Which part (0 train, 1 validation, 2 test) of `slmforge guard train`'s split, made with the same seed and
+    fractions, each harmful behaviour and benign probe falls in: split_groups shares out each source's groups by
+    a seeded shuffle, so the harmful requests and the benign set alone reproduce the guard's parts for them.
+    Keys: a harmful behaviour, or "benign:<behavior>"."""
+    from slmforge.safety.classifier import Example, split_groups
+
+    rows = [Example(p.prompt, 0, f"benign:{p.behavior}", "benign-risky") if p.suite == "benign" else
+            Example(p.prompt, 1, p.behavior, "advbench" if p.category == "advbench" else "harmbench") for p in probes]
+    return {r.group: i for i, part in enumerate(split_groups(rows, fractions, seed)) for r in part}
+
+
+def prepare_support_chat_safety(data_dir: str | Path | None, out_dir: str | Path, seed: int = 0, n: int = 2000,
+                                n_test: int = 200, n_val: int = 100, wrapped_copies: int = 1,
+                                scan_jailbreaks: int = 200, scan_limit: int | None = None) -> dict:
+    """support_chat's splits, and for safety fine-tuning:
+
+        train_safety.jsonl    train.jsonl plus refusals: every harmful request (AdvBench, HarmBench val) whose
+                              behaviour is in the guard's train part, plain and in `wrapped_copies` jailbreak
+                              wrappers drawn per request, each answered by a refusal (REFUSALS)
+        redteam_probes.jsonl  the scan of before and after: the harmful behaviours of the guard's test part,
+                              plain and `scan_jailbreaks` of their jailbreak copies (a seeded sample), and the
+                              benign-but-risky-looking probes of the guard's test part (over-refusal)
+
+    scan_limit keeps at most that many probes of each scanned suite (a seeded sample: tests). No behaviour of
+    the scan is in train_safety (tests/test_safety_sft.py checks it), and the guard trained by
+    `slmforge guard train --kind request` with its defaults has not seen them either."""
+    from slmforge.io import atomic_write_text, write_json
+    from slmforge.safety.probes import benign_probes, harmful_requests, jailbreak_probes, write_probes
+
+    if data_dir is None:
+        raise SlmforgeError("support_chat_safety: needs the data folder (its harmful requests are in redteam/)")
+    stats = prepare_support_chat(None, out_dir, seed, n, n_test, n_val)
+    out = Path(out_dir)
+    harmful, benign = harmful_requests(data_dir), benign_probes()
+    part = guard_parts(harmful + benign, seed)
+    train_h = [p for p in harmful if part[p.behavior] == 0]
+    test_h = [p for p in harmful if part[p.behavior] == 2]
+    rng = random.Random(f"{seed}-safety")
+    wrappers = sorted({p.category for p in jailbreak_probes(harmful[:1])})
+    refusal_rows = []
+    for p in train_h:
+        prompts = [p] + jailbreak_probes([p], rng.sample(wrappers, wrapped_copies), seed=seed) \
+            if wrapped_copies else [p]
+        for q in prompts:
+            user = q.prompt if q.context is None else f"{q.prompt}\n\n{q.context}"
+            refusal_rows.append({"id": f"refusal-{q.id}", "behavior": q.behavior, "messages": [
+                {"role": "system", "content": SYSTEM}, {"role": "user", "content": user},
+                {"role": "assistant", "content": rng.choice(REFUSALS)}], "suite": q.suite})
+    train = [json.loads(line) for line in (out / "train.jsonl").read_text(encoding="utf-8").splitlines()]
+    mixed = train + refusal_rows
+    rng.shuffle(mixed)
+    atomic_write_text(out / "train_safety.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in mixed))
+    jail = jailbreak_probes(test_h, seed=seed)
+    jail = sorted(rng.sample(jail, min(scan_jailbreaks, len(jail))), key=lambda p: p.id)
+    scan = [*test_h, *jail, *(p for p in benign if part[f"benign:{p.behavior}"] == 2)]
+    if scan_limit is not None:
+        scan = [p for suite in ("harmful", "jailbreak", "benign") for p in
+                sorted(rng.sample([q for q in scan if q.suite == suite],
+                                  min(scan_limit, sum(q.suite == suite for q in scan))), key=lambda q: q.id)]
+    for p in scan:  # the scan speaks to the support agent, as its users would
+        p.system = SYSTEM
+    write_probes(out / "redteam_probes.jsonl", scan)
+    stats = {**stats, "task": "support_chat_safety",
+             "safety": {"refusal_rows": len(refusal_rows), "refused_behaviours": len(train_h),
+                        "wrapped_copies": wrapped_copies, "guard_fractions": list(GUARD_FRACTIONS),
+                        "scan": {s: sum(p.suite == s for p in scan) for s in ("harmful", "jailbreak", "benign")},
+                        "scan_behaviours": len({p.behavior for p in scan})}}
+    write_json(out / "stats.json", stats)
+    return stats
