@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import socket
 import subprocess
 import sys
@@ -41,11 +42,11 @@ def free_port() -> int:
 
 
 def serve(model: Path, port: int, guard: Path | None, log: Path) -> subprocess.Popen:
-    cmd = [*SLMFORGE, "serve", f"plain={model}", "--host", "127.0.0.1", "--port", str(port), "--no-compile"]
+    cmd = [*SLMFORGE, "serve", f"plain={model}", "--host", "127.0.0.1", "--port", str(port), "--no-compile",
+           "--threads", "1"]
     if guard:
         cmd += ["--guard", str(guard)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
     for _ in range(240):
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
@@ -88,6 +89,7 @@ def main() -> None:
     results = {}
     for name, cfg in (("unguarded", None), ("guarded", guard)):
         port = free_port()
+        shutil.rmtree(work / f"scan-{name}", ignore_errors=True)  # a fresh scan: the server's port is new
         proc = serve(model, port, cfg, work / f"serve-{name}.log")
         try:
             t = time.time()

@@ -81,6 +81,20 @@ def read_yaml(path: str | Path) -> Any:
         raise SlmforgeError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', None) or e})") from None
 
 
+def read_config_file(path: str | Path, what: str, fields: str) -> dict:
+    """A config file's top-level mapping (an empty file is {}): a missing file, bad YAML or anything but a
+    mapping is one error naming the file (`what` names the config, `fields` lists its sections)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SlmforgeError(f"{path}: no such {what} file")
+    raw = read_yaml(path)
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise SlmforgeError(f"{path}:1: {'an' if what[0] in 'aeiou' else 'a'} {what} is a mapping ({fields})")
+    return raw
+
+
 def yaml_value(text: str) -> Any:
     """A value written as YAML on a command line (`--set lr=1e-3`), read as read_yaml reads files."""
     try:

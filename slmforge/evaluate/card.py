@@ -50,7 +50,7 @@ from pathlib import Path
 from pydantic import with_config
 
 from slmforge.errors import ConfigError, SlmforgeError
-from slmforge.stage_config import STRICT, build, read_yaml, set_fields, setting
+from slmforge.stage_config import STRICT, build, read_config_file, set_fields, setting
 
 SUITE_KINDS = ("bpb", "classification", "translation", "summarization", "speed")
 TASK_KINDS = ("classification", "translation", "summarization")
@@ -154,13 +154,7 @@ def load_card_config(path: str | Path, overrides: dict | None = None) -> EvalCar
     """An EvalCardConfig from a YAML file, `overrides` ({field: value}, the command line's) set on top; any
     problem is one error naming file:line and the field."""
     path = Path(path)
-    if not path.is_file():
-        raise SlmforgeError(f"{path}: no such config file")
-    raw = read_yaml(path)
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise SlmforgeError(f"{path}:1: an eval card config is a mapping (models, suites, out, ...)")
+    raw = read_config_file(path, "eval card config", "models, suites, out, ...")
     set_fields(raw, overrides or {}, path)
     return build(EvalCardConfig, raw, path)
 

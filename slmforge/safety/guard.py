@@ -54,7 +54,7 @@ from typing import Any, Literal
 from pydantic import with_config
 
 from slmforge.errors import SlmforgeError
-from slmforge.stage_config import STRICT, build, line_of, read_yaml
+from slmforge.stage_config import STRICT, build, line_of, read_config_file
 
 STAGES = ("input", "output")
 CHECKS = ("classifier", "pii", "blocked_terms", "canary", "judge")
@@ -533,15 +533,8 @@ class StreamFilter:
 
 def load_guard_config(path: str | Path) -> tuple[GuardConfig, Any]:
     """The config and its raw YAML (for line numbers)."""
-    path = Path(path)
-    if not path.is_file():
-        raise SlmforgeError(f"{path}: no such guard config file")
-    raw = read_yaml(path)
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise SlmforgeError(f"{path}:1: a guard config is a mapping (input, output, rules, judge, refusal)")
-    return build(GuardConfig, raw, path), raw
+    raw = read_config_file(path, "guard config", "input, output, rules, judge, refusal")
+    return build(GuardConfig, raw, Path(path)), raw
 
 
 def load_guard(path: str | Path) -> Guard:
