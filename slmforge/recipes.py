@@ -86,6 +86,8 @@ class PredictSpec:
     labels: list[str] | None = None
     beams: int = 1  # generate: beam search with this many beams (1: greedy)
     length_penalty: float = 1.0  # generate with beams: log-probability / length**length_penalty
+    # generate with beams: length penalties tried on val (each a decode of val); the best is used on test
+    sweep_length_penalty: list[float] = field(default_factory=list)
 
 
 @with_config(STRICT)
@@ -191,6 +193,7 @@ def load_recipe(name_or_path: str | Path, overrides: dict | None = None) -> Reci
         check(p.beams == 1 or p.mode == "generate", m, "beams", "only for predict mode generate")
         check(not p.sweep_top_g or p.mode == "deeplog", m, "sweep_top_g", "only for predict mode deeplog")
         check(all(g > 0 for g in p.sweep_top_g), m, "sweep_top_g", "every top_g must be > 0")
+        check(not p.sweep_length_penalty or p.beams > 1, m, "sweep_length_penalty", "needs beams > 1")
 
     if recipe.variants:
         check(recipe.predict is not None and recipe.eval is not None, raw, "variants",
@@ -437,6 +440,26 @@ def _deeplog_protocol(path: Path, best_model: Path, top_g: int) -> dict:
             "recall_on_prefix_sessions_events_only": figures(events_only, cut)["recall"]}
 
 
+def _sweep_length_penalty(p: PredictSpec, val_path: Path, vdir: Path, predict_and_score, recipe: Recipe) -> dict:
+    """Decode val with each length penalty of the sweep (into val_lp<value>/), score it, and choose the best
+    (the first of equals); the chosen decoding is then copied to val_predictions.jsonl / val_metrics.json."""
+    scores = {}
+    for lp in p.sweep_length_penalty:
+        d = vdir / f"val_lp{lp:g}"
+        d.mkdir(exist_ok=True)
+        predict_and_score(val_path, d / "val_predictions.jsonl", d / "val_metrics.json", p.top_g,
+                          p=replace(p, length_penalty=lp))
+        scores[lp] = read_json(d / "val_metrics.json")[recipe.eval.metric]
+    chosen = max(scores, key=lambda lp: (scores[lp], -p.sweep_length_penalty.index(lp)))
+    for name in ("val_predictions.jsonl", "val_metrics.json", "val_predict.json"):
+        src = vdir / f"val_lp{chosen:g}" / name
+        if src.is_file() and not (vdir / name).is_file():
+            shutil.copyfile(src, vdir / name)
+    console.print(f"  length penalty on val: {', '.join(f'{k:g}: {_fmt(x)}' for k, x in scores.items())} "
+                  f"-> {chosen:g}")
+    return {"values": list(scores), "val": {f"{k:g}": x for k, x in scores.items()}, "chosen": chosen}
+
+
 def _sweep_top_g(vdir: Path, values: list[int], recipe: Recipe) -> dict:
     """DeepLog's g chosen on val: a session is anomalous when an event is unknown or ranked below g, so
     every g is scored from one prediction pass (its max_rank) and the best val metric wins (smallest g on
@@ -574,29 +597,35 @@ def run_recipe(recipe_path: str | Path | Recipe, out: str | Path | None = None, 
                                      stop=p.stop, batch_size=p.batch_size, top_g=top_g, top_k=p.top_k,
                                      limit=p.limit, progress=console.is_terminal, beams=p.beams,
                                      length_penalty=p.length_penalty)
-                write_json(vdir / preds.name.replace("predictions.jsonl", "predict.json"), stats)
+                write_json(preds.parent / preds.name.replace("predictions.jsonl", "predict.json"), stats)
             if _stage(f"{v.name}: evaluate {path.relative_to(data)}", metrics_path.is_file()):
                 write_json(metrics_path, evaluate_predictions(e.task, preds, labels=e.labels or p.labels,
                                                               positive=e.positive, ks=e.ks, tokenize=e.tokenize))
 
-        # Validation first: it alone chooses this variant's tuned numbers (top_g) and, below, the variant.
+        # Validation first: it alone chooses this variant's tuned numbers (top_g, the length penalty) and,
+        # below, the variant.
         t, was_done = time.time(), (vdir / "val_metrics.json").is_file()
-        sweep = None
+        sweep, lp_sweep = None, None
+        if val_path and p.sweep_length_penalty:
+            lp_sweep = _sweep_length_penalty(p, val_path, vdir, predict_and_score, recipe)
+            p = replace(p, length_penalty=lp_sweep["chosen"])
         if val_path:
             predict_and_score(val_path, vdir / "val_predictions.jsonl", vdir / "val_metrics.json",
-                              max(p.sweep_top_g, default=p.top_g))
+                              max(p.sweep_top_g, default=p.top_g), p=p)
             if p.sweep_top_g:
                 sweep = _sweep_top_g(vdir, p.sweep_top_g, recipe)
         timed(f"{v.name}.val_s", t, was_done)
         top_g = sweep["chosen"] if sweep else p.top_g
         t, was_done = time.time(), (vdir / "metrics.json").is_file()
-        predict_and_score(test_path, vdir / "predictions.jsonl", vdir / "metrics.json", top_g)
+        predict_and_score(test_path, vdir / "predictions.jsonl", vdir / "metrics.json", top_g, p=p)
         timed(f"{v.name}.predict_s", t, was_done)
         rows[v.name] = _variant_row(recipe, v, vdir, pre, rows)
         rows[v.name]["predict_s"] = read_json(vdir / "predict.json")["seconds"] \
             if (vdir / "predict.json").is_file() else None
         if sweep:
             rows[v.name]["top_g"] = sweep
+        if lp_sweep:
+            rows[v.name]["length_penalty"] = lp_sweep
         console.print(f"  {v.name}: {recipe.eval.metric} = {_fmt(rows[v.name]['val_metric'])} on val, "
                       f"{_fmt(rows[v.name]['metric'])} on test")
 

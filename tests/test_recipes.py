@@ -117,6 +117,26 @@ eval: {{task: summarization, metric: rougeL}}
     assert all(r["completion"] and isinstance(r["prediction"], str) for r in rows)  # the reference turn
 
 
+def test_length_penalty_is_chosen_on_val_and_used_on_test(tmp_path):
+    recipe = _recipe(tmp_path, f"""name: mini-beams
+data: {{loader: support_chat, options: {{n: 24, n_test: 3, n_val: 3}}}}
+{TINY_MODEL}variants:
+  - name: scratch
+    init: scratch
+    finetune: {{task: chat, max_steps: 2, batch_size: 4, seq_len: 48}}
+predict: {{mode: generate, max_tokens: 6, batch_size: 2, beams: 2, sweep_length_penalty: [0.5, 2.0]}}
+eval: {{task: summarization, metric: rougeL}}
+""")
+    report = run_recipe(recipe, tmp_path / "run", tmp_path / "no-data-needed")
+    lp = report["variants"][0]["length_penalty"]
+    vdir = tmp_path / "run/variants/scratch"
+    assert lp["values"] == [0.5, 2.0] and lp["chosen"] in (0.5, 2.0)
+    assert lp["val"][f"{lp['chosen']:g}"] == max(lp["val"].values())
+    chosen = (vdir / f"val_lp{lp['chosen']:g}" / "val_predictions.jsonl").read_text()
+    assert (vdir / "val_predictions.jsonl").read_text() == chosen
+    assert json.loads((vdir / "predict.json").read_text())["length_penalty"] == lp["chosen"]
+
+
 def test_mini_keyphrase_recipe_with_a_tagger_variant(tmp_path):
     data = _inspec_like(tmp_path / "shared")
     recipe = _recipe(tmp_path, f"""name: mini-inspec

@@ -406,5 +406,6 @@ def predict_file(model_dir: str | Path, mode: str, input_path: str | Path, out_p
     atomic_write_text(out_path, "".join(line + "\n" for line in lines))
     elapsed = time.time() - t0
     return {"rows": len(rows), "mode": mode, "seconds": round(elapsed, 2),
-            "rows_per_s": round(len(rows) / max(elapsed, 1e-9), 2), "out": str(out_path)}
+            "rows_per_s": round(len(rows) / max(elapsed, 1e-9), 2), "out": str(out_path),
+            **({"beams": beams, "length_penalty": length_penalty} if mode == "generate" and beams > 1 else {})}
 
