@@ -282,6 +282,18 @@ def test_label_smoothing_mixes_the_target_with_a_uniform_one():
         FinetuneConfig(label_smoothing=1.0)
 
 
+def test_residual_dropout_acts_in_training_only():
+    model = LlamaModel(ModelConfig(**TINY))
+    x = torch.randint(0, 320, (2, 9), generator=torch.Generator().manual_seed(0))
+    before = model(x)[0]
+    assert ft_heads.add_residual_dropout(model, 0.5) == 2 * TINY["num_hidden_layers"]
+    torch.testing.assert_close(model.eval()(x)[0], before)  # eval: the logits are the model's own
+    torch.manual_seed(0)
+    assert not torch.allclose(model.train()(x)[0], before)
+    with pytest.raises(SlmforgeError, match="dropout"):
+        FinetuneConfig(dropout=1.0)
+
+
 def test_length_grouped_batches_cover_each_epoch_once_and_cut_padding():
     """Batches of like-length rows: every example once per epoch, batch i a pure function of i, a fresh
     grouping each epoch, and far less padding than random batches."""

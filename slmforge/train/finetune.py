@@ -122,6 +122,7 @@ class FinetuneConfig:
     # a regulariser where the model over-fits its targets (translation: Vaswani et al. use 0.1); the val loss
     # that picks the kept checkpoint is smoothed the same way
     label_smoothing: float = setting(0.0, "Label smoothing of the training targets (0: off).")
+    dropout: float = setting(0.0, "Residual dropout on every attention and MLP output while training (0: off).")
     batch_size: int = setting(16, "Examples per micro-step.")
     # a batch is padded to its longest row: random batches of captions or phrases are half padding
     # off by default (as transformers'): where length follows content, like-length batches are less mixed
@@ -156,6 +157,7 @@ class FinetuneConfig:
             (self.base_dtype in ("float32", "bfloat16"), "base_dtype must be float32 or bfloat16"),
             (self.base_dtype == "float32" or self.mode == "lora", "base_dtype bfloat16 is for mode lora"),
             (0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
+            (0 <= self.dropout < 1, "dropout must be in [0, 1)"),
             (self.class_weights in CLASS_WEIGHTS, f"class_weights must be one of {', '.join(CLASS_WEIGHTS)}"),
             (self.select_metric in SELECT_METRICS, f"select_metric must be one of {', '.join(SELECT_METRICS)}"),
             (self.class_weights == "none" or (self.task == "classify" and self.head == "classifier"),

@@ -81,9 +81,23 @@ def trainable_model(lm: LlamaModel, cfg: FinetuneConfig, labels: list[str] | Non
             if precision != "bf16":
                 raise SlmforgeError("base_dtype bfloat16 needs precision bf16 (autocast)")
             frozen_linears_to_bf16(lm)
+    if cfg.dropout:
+        add_residual_dropout(lm, cfg.dropout)
     if cfg.classifier_head:
         return lm, SequenceClassifier(lm, len(labels or []))
     return lm, (TokenTagger(lm) if cfg.task == "tag" else lm)
+
+
+def add_residual_dropout(model: nn.Module, p: float) -> int:
+    """Dropout on the output of every attention and MLP sub-layer before it joins the residual stream
+    (Vaswani et al.'s residual dropout), in training mode only: forward hooks, so the model file, its weights
+    and its eval-mode logits stay as they are. Returns the number of sub-layers hooked."""
+    from slmforge.model import MLP, Attention
+
+    subs = [m for m in model.modules() if isinstance(m, (Attention, MLP))]
+    for m in subs:
+        m.register_forward_hook(lambda mod, args, out: F.dropout(out, p, mod.training))
+    return len(subs)
 
 
 def apply_lora(model: LlamaModel, r: int, alpha: int, dropout: float, targets: list[str]) -> nn.Module:
