@@ -296,12 +296,20 @@ def benign_requests(data_dir: str | Path, seed: int = 0, per_source: int = 600) 
     return out
 
 
+def request_example(p, benign: bool) -> Example:
+    """A probe as a request-classifier row. Its group (the behaviour; "benign:<behaviour>" for a benign probe)
+    and source are what split_groups shares out, so whatever reproduces the guard's split must build them here."""
+    if benign:
+        return Example(p.prompt if p.context is None else f"{p.prompt}\n\n{p.context}", 0, f"benign:{p.behavior}",
+                       "benign-risky")
+    return Example(p.prompt, 1, p.behavior, "advbench" if p.category == "advbench" else "harmbench")
+
+
 def read_benign(path: str | Path) -> list[Example]:
     """The benign-but-risky-looking probes (suite benign), grouped by their behaviour."""
     from slmforge.safety.probes import read_probes
 
-    out = [Example(p.prompt if p.context is None else f"{p.prompt}\n\n{p.context}", 0, f"benign:{p.behavior}",
-                   "benign-risky") for p in read_probes(path)]
+    out = [request_example(p, benign=True) for p in read_probes(path)]
     if not out:
         raise SlmforgeError(f"{path}: no probes in it")
     return out
@@ -311,8 +319,7 @@ def request_data(data_dir: str | Path, benign: str | Path | None = None, seed: i
     """Harmful requests (label 1) and benign ones (label 0) for the request classifier."""
     from slmforge.safety.probes import harmful_requests
 
-    rows = [Example(p.prompt, 1, p.behavior, "advbench" if p.category == "advbench" else "harmbench")
-            for p in harmful_requests(data_dir)]
+    rows = [request_example(p, benign=False) for p in harmful_requests(data_dir)]
     rows += benign_requests(data_dir, seed)
     if benign is not None:
         rows += read_benign(benign)

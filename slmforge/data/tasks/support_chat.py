@@ -121,10 +121,9 @@ def guard_parts(probes: list, seed: int = 0, fractions: tuple[float, ...] = GUAR
     fractions, each harmful behaviour and benign probe falls in: split_groups shares out each source's groups by
     a seeded shuffle, so the harmful requests and the benign set alone reproduce the guard's parts for them.
     Keys: a harmful behaviour, or "benign:<behavior>"."""
-    from slmforge.safety.classifier import Example, split_groups
+    from slmforge.safety.classifier import request_example, split_groups
 
-    rows = [Example(p.prompt, 0, f"benign:{p.behavior}", "benign-risky") if p.suite == "benign" else
-            Example(p.prompt, 1, p.behavior, "advbench" if p.category == "advbench" else "harmbench") for p in probes]
+    rows = [request_example(p, benign=p.suite == "benign") for p in probes]
     return {r.group: i for i, part in enumerate(split_groups(rows, fractions, seed)) for r in part}
 
 
@@ -143,8 +142,15 @@ def prepare_support_chat_safety(data_dir: str | Path | None, out_dir: str | Path
     scan_limit keeps at most that many probes of each scanned suite (a seeded sample: tests). No behaviour of
     the scan is in train_safety (tests/test_safety_sft.py checks it), and the guard trained by
     `slmforge guard train --kind request` with its defaults has not seen them either."""
-    from slmforge.io import atomic_write_text, write_json
-    from slmforge.safety.probes import benign_probes, harmful_requests, jailbreak_probes, write_probes
+    from slmforge.io import atomic_write_text, read_jsonl, write_json
+    from slmforge.safety.probes import (
+        MANY_SHOT,
+        benign_probes,
+        harmful_requests,
+        jailbreak_probes,
+        read_templates,
+        write_probes,
+    )
 
     if data_dir is None:
         raise SlmforgeError("support_chat_safety: needs the data folder (its harmful requests are in redteam/)")
@@ -155,18 +161,16 @@ def prepare_support_chat_safety(data_dir: str | Path | None, out_dir: str | Path
     train_h = [p for p in harmful if part[p.behavior] == 0]
     test_h = [p for p in harmful if part[p.behavior] == 2]
     rng = random.Random(f"{seed}-safety")
-    wrappers = sorted({p.category for p in jailbreak_probes(harmful[:1])})
+    wrappers = sorted([w.name for w in read_templates()] + [MANY_SHOT])
     refusal_rows = []
     for p in train_h:
         prompts = [p] + jailbreak_probes([p], rng.sample(wrappers, wrapped_copies), seed=seed) \
             if wrapped_copies else [p]
         for q in prompts:
-            user = q.prompt if q.context is None else f"{q.prompt}\n\n{q.context}"
             refusal_rows.append({"id": f"refusal-{q.id}", "behavior": q.behavior, "messages": [
-                {"role": "system", "content": SYSTEM}, {"role": "user", "content": user},
+                {"role": "system", "content": SYSTEM}, {"role": "user", "content": q.messages()[-1]["content"]},
                 {"role": "assistant", "content": rng.choice(REFUSALS)}], "suite": q.suite})
-    train = [json.loads(line) for line in (out / "train.jsonl").read_text(encoding="utf-8").splitlines()]
-    mixed = train + refusal_rows
+    mixed = list(read_jsonl(out / "train.jsonl")) + refusal_rows
     rng.shuffle(mixed)
     atomic_write_text(out / "train_safety.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in mixed))
     jail = jailbreak_probes(test_h, seed=seed)
