@@ -70,6 +70,8 @@ def distill_finetune(
     from slmforge.train.finetune import finetune as run_finetune
 
     summary = run_finetune(model, data, out, cfg, val_path=val, resume=resume, teacher=teacher, kd=kd)
+    if not summary:  # a rank other than 0 under torchrun: rank 0 reports
+        return
     m = summary["metrics"]
     parts = [f"{m['total_params']:,} params (teacher {summary['distill']['teacher_params']:,})", f"{m['steps']} steps"]
     for name in ("val_loss", "val_accuracy", "val_macro_f1", "val_tag_f1"):

@@ -25,6 +25,8 @@ def finetune(
     from slmforge.train.finetune import finetune as run_finetune
 
     summary = run_finetune(model, data, out, cfg, val_path=val, resume=resume)
+    if not summary:  # a rank other than 0 under torchrun: rank 0 reports
+        return
     m = summary["metrics"]
     parts = [f"{m['trainable_params']:,} trainable params ({m['trainable_pct']:.2f}%)", f"{m['steps']} steps"]
     if m.get("val_loss") is not None:

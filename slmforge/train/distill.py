@@ -43,6 +43,7 @@ from slmforge.train.kd import (
     teacher_on,
     teacher_topk,
 )
+from slmforge.train.loop import dist_env
 
 CACHE_FORMAT = 1
 
@@ -70,6 +71,9 @@ def lm_teacher_loss(teacher_dir: str | Path, tok: Tokenizer, kd: DistillConfig, 
     info = {"teacher": teacher_key(md), "teacher_params": md.config.n_params, "kd": kd.__dict__.copy()}
     source = None
     if kd.cache:
+        if dist_env()[1] > 1:  # one process fills the memory-mapped file; ranks appending at once would tear it
+            raise SlmforgeError("distill: the top-k cache is written by one process; under torchrun run without "
+                                "--cache (each rank then runs the teacher on its own batches)")
         if cache_key is None:
             raise SlmforgeError("distill: a top-k cache needs batches fixed by their index (packed-token runs)")
         cache = TopKCache(kd.cache, {**cache_key, **info["teacher"], "k": kd.top_k, "vocab": tok.vocab_size})

@@ -60,7 +60,14 @@ from slmforge.train.heads import (
     trainable_model,
 )
 from slmforge.train.kd import DistillConfig
-from slmforge.train.loop import TrainConfig, read_metrics, resolve_precision, train
+from slmforge.train.loop import (
+    TrainConfig,
+    dist_env,
+    read_metrics,
+    resolve_precision,
+    steps_per_epoch_divisor,
+    train,
+)
 from slmforge.train.rows import (
     CLASSIFY_PROMPT,
     TAGS,
@@ -129,6 +136,9 @@ class FinetuneConfig:
     group_by_length: bool = setting(False, "Batch training rows of like length together (each epoch's batches "
                                            "shuffled), so little compute goes to padding.")
     grad_accum: int = setting(1, "Micro-steps per optimizer step.")
+    global_batch_size: int | None = setting(None, "Examples per optimizer step, all processes together: sets "
+                                                  "grad_accum for the world size (same run on 1 or N processes).")
+    fsdp: bool = setting(False, "Under torchrun: shard weights, gradients and optimizer state (FSDP2) instead of DDP.")
     seq_len: int = setting(256, "Most tokens per example (longer ones keep their answer).")
     eval_every: int = setting(100, "Steps between evaluations (0: at the end only).")
     patience: int = setting(0, "Stop after this many evaluations without improvement (0: never).")
@@ -199,7 +209,8 @@ def train_precision(cfg: FinetuneConfig) -> str:
 def train_config(cfg: FinetuneConfig, n_train: int, has_val: bool) -> TrainConfig:
     """The trainer core's settings for this run: steps from max_steps or epochs over n_train examples,
     learning rates from the mode, and the best validation metric kept when there is validation data."""
-    steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * n_train / (cfg.batch_size * cfg.grad_accum)))
+    per_step = steps_per_epoch_divisor(cfg.batch_size, cfg.grad_accum, cfg.global_batch_size)
+    steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * n_train / per_step))
     lr = cfg.peak_lr
     metric, mode = cfg.best_metric
     return TrainConfig(
@@ -208,7 +219,8 @@ def train_config(cfg: FinetuneConfig, n_train: int, has_val: bool) -> TrainConfi
         warmup_fraction=cfg.warmup_fraction, weight_decay=cfg.weight_decay, precision=train_precision(cfg),
         eval_every=cfg.eval_every, ckpt_every=cfg.ckpt_every, log_every=cfg.log_every, patience=cfg.patience,
         best_metric=metric if has_val else None, best_mode=mode, seed=cfg.seed, device=cfg.device,
-        threads=cfg.threads, progress=cfg.progress, force_resume=cfg.force_resume)
+        threads=cfg.threads, progress=cfg.progress, force_resume=cfg.force_resume,
+        global_batch_size=cfg.global_batch_size, fsdp=cfg.fsdp)
 
 
 def finetune(
@@ -305,6 +317,11 @@ def finetune(
     train_cfg = train_config(cfg, len(train_ex), bool(val_ex))  # keeps the best evaluation's weights
     result = train(model, get_batch, train_cfg, out, (lambda: val_batches) if val_ex else None,
                    on_eval=on_eval, loss_fn=loss_fn, resume=resume)
+    if dist_env()[0] != 0:  # under torchrun rank 0 writes the outputs
+        return {}
+    if result.full_state is not None:  # FSDP sharded `model` in place: a plain copy takes the trained weights
+        lm, model = trainable_model(md.load_model().train(), cfg, labels, train_precision(cfg))
+        model.load_state_dict(result.full_state)
     model.cpu().eval()
 
     # Metrics of the weights we keep (the best evaluation's, restored by train()).

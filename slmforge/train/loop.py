@@ -1,6 +1,14 @@
 """The trainer core: AdamW, LR schedule, gradient accumulation, bf16 autocast, periodic eval, metrics,
-atomic checkpoints with exact resume, and DDP under torchrun. Pretrain, finetune and distill all call
-`train()` with their own batches (and, for distill, their own loss).
+atomic checkpoints with exact resume, and DDP or FSDP2 under torchrun. Pretrain, finetune and distill all
+call `train()` with their own batches (and, for distill, their own loss).
+
+Under torchrun (RANK/WORLD_SIZE set) the model is wrapped in DDP, or sharded with FSDP2
+(torch.distributed.fsdp.fully_shard: each decoder block, then the root) when cfg.fsdp; gloo on CPU, NCCL on
+GPU. Micro-batch i = (step * grad_accum + micro) * world + rank, so a step's global batch is the same
+micro-batches whatever the world size, and with cfg.global_batch_size the accumulation is derived from it:
+1 process x 4 micro-steps and 4 processes x 1 train on the same examples. Rank 0 logs and writes; the
+checkpoint holds full (unsharded) state dicts, gathered and loaded with torch.distributed.checkpoint's
+state_dict API (as litgpt saves FSDP runs), so a run resumes on another world size, or from DDP into FSDP.
 
 Exact resume: everything a step depends on is either a pure function of the step number (the batches,
 via get_batch(i); the learning rate, via lr_at(step)) or saved in the checkpoint (weights, AdamW moments
@@ -99,6 +107,8 @@ class TrainConfig:
     best_mode: str = "min"  # min for losses, max for accuracies
     patience: int = 0  # stop after this many evaluations without improvement of best_metric (0: never)
     force_resume: bool = False  # resume even where settings that change the schedule differ from the checkpoint's
+    global_batch_size: int | None = None  # sequences per optimizer step, all ranks: sets grad_accum for the world size
+    fsdp: bool = False  # under torchrun: shard weights, gradients and AdamW state with FSDP2 instead of DDP
 
     def __post_init__(self) -> None:
         checks = [
@@ -119,6 +129,7 @@ class TrainConfig:
             (self.best_mode in ("min", "max"), "best_mode must be min or max"),
             (self.patience >= 0, "patience must be >= 0"),
             (self.patience == 0 or self.best_metric, "patience (early stopping) needs best_metric"),
+            (self.global_batch_size is None or self.global_batch_size > 0, "global_batch_size must be positive"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -141,6 +152,9 @@ class TrainResult:
     best_value: float | None = None
     stopped_early: bool = False
     plan: dict | None = None  # max_minutes: the timed step and evaluation, and the max_steps they fixed
+    # FSDP only, rank 0: the trained (or best) weights as a full state dict. The model passed in stays
+    # sharded, so the caller builds a plain one from this to save.
+    full_state: dict | None = field(default=None, repr=False)
 
 
 class TrainingInterrupted(SlmforgeError):
@@ -188,6 +202,22 @@ def default_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
 def dist_env() -> tuple[int, int, int]:
     """(rank, world_size, local_rank) as set by torchrun; (0, 1, 0) otherwise."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def with_world(cfg: TrainConfig, world: int) -> TrainConfig:
+    """cfg with grad_accum derived from global_batch_size for this many ranks (unchanged without it)."""
+    if cfg.global_batch_size is None:
+        return cfg
+    per_pass = cfg.batch_size * world
+    if cfg.global_batch_size % per_pass:
+        raise ConfigError(f"train config: global_batch_size {cfg.global_batch_size} is not a multiple of "
+                          f"batch_size {cfg.batch_size} x {world} process{'es' if world > 1 else ''}")
+    return replace(cfg, grad_accum=cfg.global_batch_size // per_pass)
+
+
+def steps_per_epoch_divisor(cfg_batch: int, grad_accum: int, global_batch_size: int | None) -> int:
+    """Sequences (or examples) one optimizer step consumes, all ranks together."""
+    return global_batch_size or cfg_batch * grad_accum * dist_env()[1]
 
 
 def cpu_has_bf16() -> bool:
@@ -275,6 +305,77 @@ def load_checkpoint(path: Path) -> dict:
     except Exception as e:
         raise SlmforgeError(f"{path}: unreadable checkpoint ({str(e).splitlines()[0]}); "
                             f"delete it to start over") from None
+
+
+def _full(load: bool = False, world: int = 1):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    if load:  # rank 0 holds the state and sends each rank its part (its shard, under FSDP)
+        return StateDictOptions(full_state_dict=True, broadcast_from_rank0=world > 1)
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)  # rank 0 gets it all, on the CPU
+
+
+def full_model_state(model: nn.Module) -> dict:
+    """The model's full state dict on rank 0's CPU ({} on other ranks); under FSDP a collective (every rank
+    must call it). Keys are the plain module's, whatever the wrapping."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model, options=_full())
+
+
+def full_train_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """(model, optimizer) full state dicts as full_model_state; AdamW's state keyed by parameter name, so it
+    loads into another world size or another wrapping (DDP, FSDP, none)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return full_model_state(model), get_optimizer_state_dict(model, optimizer, options=_full())
+
+
+def load_model_state(model: nn.Module, state: dict, world: int = 1) -> None:
+    """Load a full state dict held by rank 0 (others pass {}) into a plain, DDP or FSDP model."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    set_model_state_dict(model, state, options=_full(load=True, world=world))
+
+
+def load_train_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict, optim_state: dict,
+                     world: int = 1) -> None:
+    """load_model_state, and AdamW's state. Checkpoints written before state was keyed by name (by position
+    in optimizer.state_dict()) are converted: make_optimizer's parameter order is fixed."""
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    if any(isinstance(i, int) for g in optim_state.get("param_groups", []) for i in g["params"]):
+        names = {id(p): n for n, p in model.named_parameters()}
+        order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+        optim_state = {"state": {order[i]: v for i, v in optim_state["state"].items()},
+                       "param_groups": [{**g, "params": [order[i] for i in g["params"]]}
+                                        for g in optim_state["param_groups"]]}
+    load_model_state(model, model_state, world)
+    set_optimizer_state_dict(model, optimizer, optim_state, options=_full(load=True, world=world))
+
+
+def shard_model(model: nn.Module, device: torch.device) -> None:
+    """FSDP2 in place: each decoder block is its own unit (its weights gathered just before its forward and
+    freed after), the root holds the rest (embeddings, final norm, head). The mesh spans all ranks."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from slmforge.model import Block
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for m in model.modules():
+        if isinstance(m, Block):
+            fully_shard(m, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def _broadcast_object(obj: Any, world: int) -> Any:
+    """Rank 0's obj on every rank (small picklable values: flags, counters, RNG states)."""
+    if world == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -372,6 +473,7 @@ def train(
     if device.type == "cpu" and cfg.keep_freed_memory:
         keep_freed_memory()
     cfg = replace(cfg, precision=resolve_precision(cfg.precision, device))
+    cfg = with_world(cfg, world)
     if cfg.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise SlmforgeError("this GPU has no bfloat16 support; use precision fp32")
     own_group = world > 1 and not dist.is_initialized()
@@ -396,7 +498,12 @@ def _train(model, get_batch, cfg, out, eval_batches, on_eval, loss_fn, resume, d
     if master:
         out.mkdir(parents=True, exist_ok=True)
 
+    fsdp = cfg.fsdp and world > 1
+    if cfg.fsdp and world == 1:
+        console.print("[yellow]fsdp: one process, nothing to shard; training unsharded")
     model.to(device)
+    if fsdp:
+        shard_model(model, device)
     optimizer = make_optimizer(model, cfg, device)
     step, tokens, elapsed0, train_time = 0, 0, 0.0, 0.0
     last_loss = last_val = None
@@ -406,21 +513,26 @@ def _train(model, get_batch, cfg, out, eval_batches, on_eval, loss_fn, resume, d
     stopped_early = False
     requested = asdict(cfg)  # what was asked for: kept in the checkpoint, compared on resume
     plan = None
-    if resume and ckpt_path.is_file():
-        ck = load_checkpoint(ckpt_path)
+    # Rank 0 reads the checkpoint and sends it to the others, so they need not see its disk.
+    has_ckpt = _broadcast_object(resume and master and ckpt_path.is_file(), world)
+    if has_ckpt:
+        ck = load_checkpoint(ckpt_path) if master else {}
+        ck_meta = _broadcast_object({k: v for k, v in ck.items() if k not in ("model", "optimizer")}, world)
+        _check_resume(ck_meta, requested, world, ckpt_path, console)
         try:
-            model.load_state_dict(ck["model"])
-            optimizer.load_state_dict(ck["optimizer"])
+            load_train_state(model, optimizer, ck.get("model", {}), ck.get("optimizer", {}), world)
         except (RuntimeError, ValueError, KeyError) as e:
             raise SlmforgeError(f"{ckpt_path}: does not match this model/optimizer ({str(e).splitlines()[0]}); "
                                 f"use another output folder, or start over without resuming") from None
+        ck = ck_meta
         _set_rng_state(ck["rng"])
         step, tokens, elapsed0, train_time = ck["step"], ck["tokens"], ck["elapsed"], ck["train_time"]
         last_loss, last_val = ck.get("loss"), ck.get("val_loss")
         best, stopped_early = ck.get("best", best), ck.get("stopped_early", False)
         resumed_from, plan = step, ck.get("plan")
-        _check_resume(ck, requested, world, ckpt_path, console)
-        console.print(f"resuming from {ckpt_path} at step {step}")
+        saved_by = ck.get("world_size", 1)
+        console.print(f"resuming from {ckpt_path} at step {step}"
+                      + (f" (saved by {saved_by} processes, now {world})" if saved_by != world else ""))
         if master:
             _truncate_metrics(metrics_path, step)
     else:
@@ -434,7 +546,7 @@ def _train(model, get_batch, cfg, out, eval_batches, on_eval, loss_fn, resume, d
 
     raw_model = model
     run_model: nn.Module = torch.compile(model) if cfg.compile else model
-    if world > 1:
+    if world > 1 and not fsdp:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         run_model = DDP(run_model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -447,8 +559,11 @@ def _train(model, get_batch, cfg, out, eval_batches, on_eval, loss_fn, resume, d
         step_tokens = 0
         for micro in range(accum):
             batch = _to_device(get_batch((step * accum + micro) * world + rank), device)
-            if world > 1:  # all-reduce gradients only on the last micro-step
-                run_model.require_backward_grad_sync = micro == accum - 1
+            if world > 1 and accum > 1:  # reduce gradients across ranks only on the last micro-step
+                if fsdp:
+                    raw_model.set_requires_gradient_sync(micro == accum - 1)
+                else:
+                    run_model.require_backward_grad_sync = micro == accum - 1
             with autocast:
                 loss = loss_fn(run_model, batch)
             (loss / accum).backward()
@@ -461,24 +576,33 @@ def _train(model, get_batch, cfg, out, eval_batches, on_eval, loss_fn, resume, d
         grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return grad_norm
+        return grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
 
     def evaluate() -> float | None:
         raw_model.eval()
         total = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of batch losses, batches)
+        batches, extra = eval_batches(), 0
+        if fsdp:  # each forward gathers weights from every rank: all must run as many as the busiest one
+            batches = list(batches)
+            most = torch.tensor([len(batches)], device=device)
+            dist.all_reduce(most, op=dist.ReduceOp.MAX)
+            extra = int(most.item()) - len(batches)
         with torch.no_grad(), autocast:
-            for batch in eval_batches():
+            for batch in batches:
                 total[0] += loss_fn(raw_model, _to_device(batch, device)).double()
                 total[1] += 1
+            for _ in range(extra):  # not counted
+                loss_fn(raw_model, _to_device(get_batch(0), device))
         raw_model.train()
         if world > 1:
             dist.all_reduce(total)
         return (total[0] / total[1]).item() if total[1] > 0 else None
 
     def checkpoint() -> None:
+        model_state, optim_state = full_train_state(raw_model, optimizer)  # every rank: FSDP gathers
         if master:
             save_checkpoint(ckpt_path, {
-                "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                "model": model_state, "optimizer": optim_state, "step": step,
                 "tokens": tokens, "elapsed": elapsed0 + time.time() - t_start, "train_time": train_time,
                 "loss": last_loss, "val_loss": last_val, "config": requested, "plan": plan, "rng": _rng_state(),
                 "world_size": world, "best": best, "stopped_early": stopped_early,
@@ -492,8 +616,9 @@ def _train(model, get_batch, cfg, out, eval_batches, on_eval, loss_fn, resume, d
         better = best["value"] is None or (value < best["value"] if cfg.best_mode == "min" else value > best["value"])
         if better:
             best.update(value=value, step=step, bad_evals=0)
+            model_state = full_model_state(raw_model)  # every rank: FSDP gathers
             if master:
-                save_checkpoint(best_path, {"model": raw_model.state_dict(), "step": step, "value": value})
+                save_checkpoint(best_path, {"model": model_state, "step": step, "value": value})
         else:
             best["bad_evals"] += 1
         return cfg.patience > 0 and best["bad_evals"] >= cfg.patience
@@ -656,14 +781,15 @@ def _train(model, get_batch, cfg, out, eval_batches, on_eval, loss_fn, resume, d
                                           f"{ckpt_path}; run the same command again to resume")
     if resumed_from is not None and resumed_from == step:
         console.print(f"already trained to step {step}{' (stopped early)' if stopped_early else ''}; nothing to do")
-    if cfg.best_metric and best["step"] is not None and best_path.is_file():
-        raw_model.load_state_dict(load_checkpoint(best_path)["model"])  # end on the best weights
+    if cfg.best_metric and best["step"] is not None and _broadcast_object(master and best_path.is_file(), world):
+        load_model_state(raw_model, load_checkpoint(best_path)["model"] if master else {}, world)  # end on the best
         console.print(f"restored the best weights: {cfg.best_metric} {best['value']:.4f} at step {best['step']}")
+    full_state = full_model_state(raw_model) if fsdp else None
     return TrainResult(step=step, tokens=tokens, loss=last_loss, val_loss=last_val,
                        tokens_per_s=tokens / train_time if train_time > 0 else 0.0, train_time_s=train_time,
                        elapsed_s=elapsed0 + time.time() - t_start, resumed_from=resumed_from, out_dir=out,
                        history=history, best_step=best["step"], best_value=best["value"],
-                       stopped_early=stopped_early, plan=plan)
+                       stopped_early=stopped_early, plan=plan, full_state=full_state if master else None)
 
 
 def _check_resume(ck: dict, requested: dict, world: int, path: Path, console) -> None:
@@ -671,12 +797,21 @@ def _check_resume(ck: dict, requested: dict, world: int, path: Path, console) ->
     trained (batch, seq_len, lr, schedule, seed, steps, ...) would silently mix two runs in one model."""
     old = ck.get("config", {})
     changed = {k: (old[k], v) for k, v in requested.items() if k in old and old[k] != v}
-    if ck.get("world_size", 1) != world:
-        changed["world_size"] = (ck.get("world_size", 1), world)
+    old_world = ck.get("world_size", 1)
+    if old_world != world:
+        changed["world_size"] = (old_world, world)
     if not changed:
         return
+    # Another world size trains on the same micro-batches when the global batch is unchanged (see train()).
+    same_global = (old.get("batch_size") == requested["batch_size"]
+                   and old.get("grad_accum", 1) * old_world == requested["grad_accum"] * world)
+    free = RESUME_FREE + (("world_size", "grad_accum", "global_batch_size", "fsdp") if same_global else ("fsdp",))
     listed = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
-    if requested.get("force_resume") or all(k in RESUME_FREE for k in changed):
+    if "world_size" in changed and not same_global:
+        listed += (f"; the global batch changed from {old.get('batch_size')} x {old.get('grad_accum', 1)} x "
+                   f"{old_world} to {requested['batch_size']} x {requested['grad_accum']} x {world}: set "
+                   f"global_batch_size to keep it")
+    if requested.get("force_resume") or all(k in free for k in changed):
         console.print(f"[yellow]resuming with changed settings: {listed}")
         return
     raise SlmforgeError(f"{path}: this checkpoint was trained with other settings ({listed}); resuming would mix "

@@ -23,7 +23,14 @@ from slmforge.modeldir import ModelDir, save_model_dir
 from slmforge.stage_config import STRICT, setting
 from slmforge.tokenizer import Tokenizer
 from slmforge.train.kd import DistillConfig
-from slmforge.train.loop import TrainConfig, dist_env, plot_loss_curve, resolve_precision, train
+from slmforge.train.loop import (
+    TrainConfig,
+    dist_env,
+    plot_loss_curve,
+    resolve_precision,
+    steps_per_epoch_divisor,
+    train,
+)
 
 
 @with_config(STRICT)
@@ -39,6 +46,9 @@ class PretrainConfig:
     max_epochs: float | None = setting(None, "Never more passes than this over the training tokens.")
     batch_size: int = setting(32, "Sequences per micro-step (per rank).")
     grad_accum: int = setting(1, "Micro-steps per optimizer step.")
+    global_batch_size: int | None = setting(None, "Sequences per optimizer step, all processes together: sets "
+                                                  "grad_accum for the world size (same run on 1 or N processes).")
+    fsdp: bool = setting(False, "Under torchrun: shard weights, gradients and optimizer state (FSDP2) instead of DDP.")
     seq_len: int = setting(256, "Training window length.")
     lr: float = setting(1e-3, "Peak learning rate.")
     min_lr: float | None = setting(None, "Final learning rate (default: lr/10).")
@@ -70,7 +80,7 @@ class PretrainConfig:
         """The trainer core's settings: max_steps capped by max_epochs over `train_tokens`."""
         steps = self.max_steps
         if self.max_epochs is not None:
-            per_step = self.batch_size * self.grad_accum * self.seq_len * dist_env()[1]
+            per_step = steps_per_epoch_divisor(self.batch_size, self.grad_accum, self.global_batch_size) * self.seq_len
             steps = max(1, min(steps, int(self.max_epochs * train_tokens / per_step)))
         return TrainConfig(
             max_steps=steps, max_minutes=self.max_minutes, batch_size=self.batch_size, grad_accum=self.grad_accum,
@@ -80,7 +90,8 @@ class PretrainConfig:
             schedule=self.schedule, weight_decay=self.weight_decay, grad_clip=self.grad_clip,
             precision=resolve_precision(self.precision, self.device), compile=self.compile, eval_every=self.eval_every,
             eval_batches=self.eval_batches, ckpt_every=self.ckpt_every, log_every=self.log_every, seed=self.seed,
-            device=self.device, threads=self.threads, progress=self.progress, force_resume=self.force_resume)
+            device=self.device, threads=self.threads, progress=self.progress, force_resume=self.force_resume,
+            global_batch_size=self.global_batch_size, fsdp=self.fsdp)
 
 
 def pretrain(
@@ -151,6 +162,9 @@ def pretrain(
     model_dir = out / "model"
     if rank != 0:
         return model_dir
+    if result.full_state is not None:  # FSDP sharded `model` in place: a plain copy takes the trained weights
+        model = LlamaModel(model_config)
+        model.load_state_dict(result.full_state)
     val = result.val_loss
     meta = {
         "stage": "distill" if teacher is not None else "pretrain",
