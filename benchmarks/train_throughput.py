@@ -13,6 +13,7 @@ hints at noise.
     python benchmarks/train_throughput.py --default-malloc     # glibc's default malloc (about 2x slower for 15m)
     python benchmarks/train_throughput.py --presets 15m --precisions bf16 --profile
     python benchmarks/train_throughput.py --compile            # torch.compile the model (inductor)
+    python benchmarks/train_throughput.py --device cuda --presets 15m --precisions bf16 --compile  # a GPU
 
 Results go to benchmarks/results/train_throughput.json (gitignored).
 
@@ -59,19 +60,23 @@ DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "train_throughput.j
 # --------------------------------------------------------------------------------------------- peak
 
 
-def measure_peak_tflops(dtype: torch.dtype, sizes: tuple[int, ...], repeats: int = 5) -> dict[str, float]:
+def measure_peak_tflops(dtype: torch.dtype, sizes: tuple[int, ...], repeats: int = 5,
+                        device: str = "cpu") -> dict[str, float]:
     """Best-of-`repeats` TFLOP/s of an n×n @ n×n torch.mm for each n (2 warmup calls each)."""
     out: dict[str, float] = {}
     gen = torch.Generator().manual_seed(0)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     for n in sizes:
-        a = torch.randn(n, n, generator=gen).to(dtype)
-        b = torch.randn(n, n, generator=gen).to(dtype)
+        a = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
+        b = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
         for _ in range(2):
             torch.mm(a, b)
         best = float("inf")
         for _ in range(repeats):
+            sync()
             t0 = time.perf_counter()
             torch.mm(a, b)
+            sync()
             best = min(best, time.perf_counter() - t0)
         out[str(n)] = 2 * n**3 / best / 1e12
     return out
@@ -137,6 +142,7 @@ class RunResult:
     seq_len: int
     threads: int
     compile: bool
+    device: str
     n_params: int
     flops_per_token: float
     step_times_s: list[float]
@@ -214,7 +220,7 @@ def run_one(name: str, precision: str, batch: int, seq_len: int, args: argparse.
     hooks = StepHooks(x, y, warmup, args.steps, args.profile)
     tcfg = TrainConfig(
         max_steps=hooks.total_steps, batch_size=batch, seq_len=seq_len, precision=precision,
-        compile=args.compile, eval_every=0, log_every=1, ckpt_every=0, device="cpu",
+        compile=args.compile, eval_every=0, log_every=1, ckpt_every=0, device=args.device,
         threads=args.threads, keep_freed_memory=not args.default_malloc, progress=False,
     )
     wait_for_quiet(args.wait_quiet)
@@ -231,7 +237,7 @@ def run_one(name: str, precision: str, batch: int, seq_len: int, args: argparse.
 
     med = statistics.median(times)
     return RunResult(
-        preset=name, precision=precision, batch=batch, seq_len=seq_len, threads=torch.get_num_threads(),
+        preset=name, precision=precision, batch=batch, seq_len=seq_len, threads=torch.get_num_threads(), device=args.device,
         compile=args.compile, n_params=cfg.n_params, flops_per_token=cfg.flops_per_token(seq_len),
         step_times_s=times, first_step_s=step_s[0],
         final_loss=result.history[warmup + args.steps - 1]["loss"], other_load_pct=load.other_pct,
@@ -255,6 +261,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seq", type=int, default=None, help="sequence length for every preset (default: per preset)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (inductor)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (the peak is then the GPU's, measured the same way)")
     p.add_argument("--default-malloc", action="store_true",
                    help="leave glibc malloc at its defaults (the trainer otherwise keeps freed memory; "
                         "see slmforge.train.loop.keep_freed_memory)")
@@ -286,11 +293,13 @@ def machine_info() -> dict:
         "cpu_capability": torch.backends.cpu.get_cpu_capability(), "mkldnn": torch.backends.mkldnn.is_available(),
         "isa_flags": sorted(f for f in flags if f.startswith(("avx512_bf16", "amx", "avx512_vnni"))),
         "python": platform.python_version(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
 
 
 def print_table(console: Console, results: list[RunResult], peaks: dict[str, float]) -> None:
-    table = Table(title=f"Training throughput (CPU, {results[0].threads} threads; measured peak "
+    where = "GPU" if torch.cuda.is_available() and results and results[0].device.startswith("cuda") else "CPU"
+    table = Table(title=f"Training throughput ({where}, {results[0].threads} threads; measured peak "
                         f"bf16 {peaks['bf16']:.3f}, fp32 {peaks['fp32']:.3f} TFLOP/s)")
     cols = ("preset", "prec", "batch×seq", "compile", "step s", "spread", "tokens/s", "best tok/s",
             "TFLOP/s", "MFU", "vs bf16 peak", "faults/step", "other load", "1st step s")
@@ -336,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     console.print(f"[bold]torch {torch.__version__}[/], {torch.get_num_threads()} threads"
                   f"{', glibc keeps freed memory' if kept else ''}; measuring the matmul peak ...")
     wait_for_quiet(args.wait_quiet)
-    peak_runs = [{p: measure_peak_tflops(DTYPES[p], sizes) for p in PRECISIONS}]
+    peak_runs = [{p: measure_peak_tflops(DTYPES[p], sizes, device=args.device) for p in PRECISIONS}]
 
     results: list[RunResult] = []
     for name in presets:
@@ -347,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
             results.append(run_one(name, prec, batch, seq, args))
 
     wait_for_quiet(args.wait_quiet)
-    peak_runs.append({p: measure_peak_tflops(DTYPES[p], sizes) for p in PRECISIONS})
+    peak_runs.append({p: measure_peak_tflops(DTYPES[p], sizes, device=args.device) for p in PRECISIONS})
     peaks = {p: max(max(run[p].values()) for run in peak_runs) for p in PRECISIONS}
     for r in results:
         r.tflops = r.tokens_per_s * r.flops_per_token / 1e12
