@@ -295,10 +295,17 @@ def chat(
 
 @app.command()
 def info(model: Annotated[Path, typer.Argument(help="Model directory.")]) -> None:
-    """Show a model directory's size, shape and provenance."""
-    from slmforge.modeldir import describe
+    """Show a model directory's size, shape and provenance, and whether vLLM's attention takes its shape."""
+    import json
 
-    typer.echo(describe(model))
+    from slmforge.modeldir import ModelDir, describe
+    from slmforge.serve.vllm_compat import vllm_summary
+
+    out = json.loads(describe(model))
+    # vLLM loads our HF Llama layout as is; what it can refuse is the head size (head_dim 8 on its CPU build)
+    head_dim = ModelDir.open(model).config.head_dim
+    out.update(head_dim=head_dim, vllm=vllm_summary(head_dim))
+    typer.echo(json.dumps(out, indent=2))
 
 
 @import_app.command("llama2c")
