@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass
 
@@ -40,10 +41,23 @@ class ModelConfig:
             (min(self.hidden_size, self.intermediate_size, self.num_hidden_layers, self.head_dim) > 0,
              "hidden_size, intermediate_size, num_hidden_layers and head_dim must be positive"),
             (self.rope_theta > 0 and self.rms_norm_eps > 0, "rope_theta and rms_norm_eps must be positive"),
+            # inf passes `> 0`: an infinite rope_theta turns RoPE off and an infinite eps zeroes every norm
+            (math.isfinite(self.rope_theta) and math.isfinite(self.rms_norm_eps)
+             and math.isfinite(self.initializer_range), "rope_theta, rms_norm_eps and initializer_range must be finite"),
             (self.num_attention_heads % self.num_key_value_heads == 0,
              "num_attention_heads must be a multiple of num_key_value_heads"),
             (self.head_dim % 2 == 0, "head_dim must be even (RoPE rotates pairs)"),
             (self.max_position_embeddings > 0, "max_position_embeddings must be positive"),
+            # upper bounds far above any real model, so that a corrupt config.json is an error rather than
+            # an attempt to allocate (or to build module by module) a model of that size
+            *((v <= hi, f"{k} {v:,} is larger than any model's (at most {hi:,})") for k, v, hi in (
+                ("vocab_size", self.vocab_size, 1 << 24), ("hidden_size", self.hidden_size, 1 << 17),
+                ("intermediate_size", self.intermediate_size, 1 << 20),
+                ("num_hidden_layers", self.num_hidden_layers, 1 << 10),
+                ("num_attention_heads", self.num_attention_heads, 1 << 12),
+                ("num_key_value_heads", self.num_key_value_heads, 1 << 12),
+                ("head_dim", self.head_dim, 1 << 12),
+                ("max_position_embeddings", self.max_position_embeddings, 1 << 20))),
         ]
         for ok, msg in checks:
             if not ok:

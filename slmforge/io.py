@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -109,13 +110,30 @@ def write_json(path: str | Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
+def parse_json(text: str | bytes, where: bool = True):
+    """json.loads for a user's file: anything it cannot read is a ValueError with a short reason (and, with
+    `where`, its line and column). json.loads itself raises RecursionError for deeply nested arrays and a
+    plain ValueError for an integer of more than 4300 digits (Python's int_max_str_digits), neither of which
+    a reader's `except JSONDecodeError` catches."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{e.msg}: line {e.lineno} column {e.colno}" if where else e.msg) from None
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    except ValueError as e:  # an integer too long to convert
+        raise ValueError(str(e).split(";")[0]) from None
+
+
 def read_json(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise SlmforgeError(f"{path}: missing")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return parse_json(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise SlmforgeError(f"{path}: invalid JSON (not UTF-8 at byte {e.start})") from None
+    except ValueError as e:
         raise SlmforgeError(f"{path}: invalid JSON ({e})") from None
 
 
@@ -136,11 +154,11 @@ def read_jsonl_lines(path: str | Path, skip_bad: bool = False) -> Iterator[tuple
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
+                obj = parse_json(line, where=False)
+            except ValueError as e:
                 if skip_bad:
                     continue
-                raise SlmforgeError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+                raise SlmforgeError(f"{path}:{lineno}: invalid JSON ({e})") from None
             if not isinstance(obj, dict):
                 if skip_bad:
                     continue
@@ -160,6 +178,10 @@ def write_dir_atomically(out: str | Path, fill) -> Path:
     it was."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    recover_dir_swap(out)  # (a swap a crash cut short may need its staging folder: finish it first)
+    for stale in out.parent.glob(f".{glob.escape(out.name)}.*.tmp"):
+        if stale.is_dir():  # a staging folder a killed run was filling: only a writer of `out` makes these
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         fill(tmp)

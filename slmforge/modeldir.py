@@ -53,12 +53,17 @@ class ModelDir:
         meta = read_json(path / "slmforge.json") if (path / "slmforge.json").is_file() else {}
         if not isinstance(meta, dict):
             raise SlmforgeError(f"{path / 'slmforge.json'}: expected a JSON object")
+        check_meta(meta, path / "slmforge.json")
         return cls(path, config, meta)
 
     def load_model(self, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> LlamaModel:
-        model = LlamaModel(self.config)
+        source = str(self.path / "model.safetensors")
         state = load_safetensors(self.path / "model.safetensors")
-        load_state(model, state, source=str(self.path / "model.safetensors"))
+        # checked before the model is built: config.json declaring a model larger than the file holds must be
+        # an error, not an allocation of that size
+        check_state(self.config, state, source)
+        model = LlamaModel(self.config)
+        load_state(model, state, source=source, checked=True)
         if self.meta.get("quantization"):  # the integer weights the decode fast path multiplies by
             from slmforge.compress.quantize import QUANT_FILE, attach_quant
 
@@ -67,7 +72,13 @@ class ModelDir:
         return model.eval()
 
     def load_tokenizer(self) -> Tokenizer:
-        return Tokenizer.from_dir(self.path)
+        tok = Tokenizer.from_dir(self.path)
+        # an id the embedding has no row for would be an IndexError in the middle of generation
+        top = max(tok.tok.get_vocab(with_added_tokens=True).values(), default=-1)
+        if top >= self.config.vocab_size:
+            raise SlmforgeError(f"{self.path / 'tokenizer.json'}: has token id {top}, but config.json's "
+                                f"vocab_size is {self.config.vocab_size} (a tokenizer of another model?)")
+        return tok
 
     @property
     def generation_config(self) -> dict:
@@ -78,14 +89,56 @@ class ModelDir:
 def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise SlmforgeError(f"{path}: unreadable or corrupt safetensors file ({e})") from None
+    except (SafetensorError, OSError, ValueError) as e:  # (its text may quote a newline from the header)
+        reason = str(e).replace("\r", "\\r").replace("\n", "\\n")
+        raise SlmforgeError(f"{path}: unreadable or corrupt safetensors file ({reason})") from None
 
 
-def load_state(model: LlamaModel, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load HF-named weights, checking names and shapes; a tied lm_head may be absent."""
-    expected = model.state_dict()
-    if model.config.tie_word_embeddings:
+# slmforge.json entries that commands index into, and what each must hold: a hand-edited or truncated entry
+# is an error naming the file when the directory is opened, not a KeyError or TypeError in a later stage
+_META_ENTRIES = {
+    "quantization": {"bits": int, "modules": int},
+    "classifier": {"head": str, "labels": list[str], "seq_len": int},
+    "tagger": {"labels": list[str], "seq_len": int},
+}
+
+
+def check_meta(meta: dict, source: Path) -> None:
+    """slmforge.json's quantization, classifier and tagger entries, where present, hold what their readers
+    (compress/quantize.py, convert/gguf.py, train/heads.py, infer/predict.py) index into."""
+    from slmforge.errors import FieldError, check_types
+
+    for entry, fields in _META_ENTRIES.items():
+        info = meta.get(entry)
+        if info is None or info is False:  # absent (or recorded as "not one")
+            continue
+        try:
+            if not isinstance(info, dict):
+                raise FieldError((entry,), f"expected a mapping, got {info!r}"[:120])
+            for key in fields:
+                if key not in info:
+                    raise FieldError((entry, key), "missing")
+            check_types(info, fields, (entry,))
+            for key in ("seq_len", "modules"):
+                if key in fields and info[key] < 1:
+                    raise FieldError((entry, key), f"must be at least 1, got {info[key]}")
+            if "labels" in fields and not info["labels"]:
+                raise FieldError((entry, "labels"), "is empty")
+        except FieldError as e:
+            raise SlmforgeError(f"{source}: {e}") from None
+    q, c = meta.get("quantization"), meta.get("classifier")
+    if q and q["bits"] not in (4, 8):
+        raise SlmforgeError(f"{source}: quantization.bits: {q['bits']} (slmforge writes 4 or 8)")
+    if c and c["head"] not in ("classifier", "generative"):
+        raise SlmforgeError(f"{source}: classifier.head: {c['head']!r} (one of classifier, generative)")
+
+
+def check_state(config: ModelConfig, state: dict[str, torch.Tensor], source: str) -> None:
+    """The weights a model of `config` needs, by name, shape and type (floating point, every value finite),
+    checked without building that model (its shapes come from a copy on the meta device)."""
+    with torch.device("meta"):
+        expected = LlamaModel(config).state_dict()
+    if config.tie_word_embeddings:
         state = {k: v for k, v in state.items() if k != "lm_head.weight"}
         expected.pop("lm_head.weight", None)
     missing = sorted(set(expected) - set(state))
@@ -98,6 +151,20 @@ def load_state(model: LlamaModel, state: dict[str, torch.Tensor], source: str) -
         if tuple(v.shape) != tuple(expected[k].shape):
             raise SlmforgeError(f"{source}: {k} has shape {tuple(v.shape)}, config.json implies "
                                 f"{tuple(expected[k].shape)}")
+        if not v.is_floating_point():  # integers would be cast to floats and run as a silently wrong model
+            raise SlmforgeError(f"{source}: {k} is {str(v.dtype).removeprefix('torch.')}, not floating point")
+        if not bool(torch.isfinite(v).all()):  # a NaN or inf weight makes every logit NaN
+            raise SlmforgeError(f"{source}: {k} holds NaN or infinite values")
+
+
+def load_state(model: LlamaModel, state: dict[str, torch.Tensor], source: str, checked: bool = False) -> None:
+    """Load HF-named weights, checking names, shapes and values (check_state, unless the caller `checked`
+    them already); a tied lm_head may be absent."""
+    if not checked:
+        check_state(model.config, state, source)
+    expected = model.state_dict()
+    if model.config.tie_word_embeddings:
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
     with torch.no_grad():
         model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=False)
 

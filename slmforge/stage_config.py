@@ -68,17 +68,42 @@ _LineLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?
                                   list("-+0123456789"))
 
 
+MAX_YAML_VALUES = 100_000  # a config has hundreds; more can only come from aliases multiplying each other
+
+
+def check_yaml_size(value: Any, where: str | Path) -> None:
+    """Refuse a YAML value with more than MAX_YAML_VALUES values once its aliases are expanded: a "billion
+    laughs" file (nine aliases of nine aliases of ...) is a few lines, but json.dumps, pydantic or any walk
+    over it would run for hours. Counted without recursion, and stopping at the limit, so this is quick."""
+    stack, n = [value], 0
+    while stack:
+        v = stack.pop()
+        n += 1
+        if n > MAX_YAML_VALUES:
+            raise SlmforgeError(f"{where}: more than {MAX_YAML_VALUES:,} values once its YAML aliases (*name) "
+                                f"are expanded; a config is not that large")
+        if isinstance(v, dict):
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+
+
 def read_yaml(path: str | Path) -> Any:
     """A YAML file whose mappings know their lines; bad YAML or bytes are one error naming file:line."""
     path = Path(path)
     try:
-        return yaml.load(path.read_text(encoding="utf-8"), Loader=_LineLoader)
+        value = yaml.load(path.read_text(encoding="utf-8"), Loader=_LineLoader)
     except UnicodeDecodeError as e:
         raise SlmforgeError(f"{path}: not UTF-8 text (byte {e.start})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
-        raise SlmforgeError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', None) or e})") from None
+        reason = str(getattr(e, "problem", None) or e).splitlines()[0]  # (a ReaderError adds a line of position)
+        raise SlmforgeError(f"{path}{line}: invalid YAML ({reason})") from None
+    except RecursionError:  # PyYAML composes and constructs recursively: a few hundred levels overflow it
+        raise SlmforgeError(f"{path}: invalid YAML (nested too deeply)") from None
+    check_yaml_size(value, path)
+    return value
 
 
 def read_config_file(path: str | Path, what: str, fields: str) -> dict:
@@ -141,6 +166,22 @@ def set_fields(raw: dict, values: dict[str, Any], where: str | Path = "config") 
 # Validation
 
 
+def find_nan(value) -> tuple | None:
+    """The place (keys and indexes) of a NaN float inside a JSON/YAML value, or None. NaN passes every
+    type check (it is a float) and every range check written `if x <= 0: raise` (all comparisons are false),
+    so build() looks for it explicitly. Infinity is left to each setting's own range check."""
+    stack = [((), value)]
+    while stack:
+        loc, v = stack.pop()
+        if isinstance(v, float) and v != v:
+            return loc
+        if isinstance(v, dict):  # (reversed: the first NaN in the file is the one reported)
+            stack.extend(reversed([((*loc, k), x) for k, x in v.items()]))
+        elif isinstance(v, (list, tuple)):
+            stack.extend(reversed([((*loc, i), x) for i, x in enumerate(v)]))
+    return None
+
+
 @functools.cache
 def _adapter(cls: type) -> TypeAdapter:
     return TypeAdapter(cls)
@@ -167,6 +208,11 @@ def build(cls: type, raw: Any, where: str | Path = "config") -> Any:
     """cls from a mapping (as read by read_yaml), every field type-checked strictly (a quoted "2" is not
     an integer, true is not a number); unknown fields are errors. One SlmforgeError naming file:line and the
     dotted field; __post_init__ checks of the dataclasses run too and are reported with the file."""
+    nan = find_nan(raw)
+    if nan is not None:  # a float, so no type check stops it, and `x <= 0` is false for it
+        field = ".".join(str(k) if isinstance(k, str) else f"[{k}]" for k in nan).replace(".[", "[")
+        raise SlmforgeError(f"{where}:{line_of(raw, nan)}: field '{field}': NaN is not a number a setting "
+                            f"can have")
     try:
         text = json.dumps(raw)
     except (TypeError, ValueError) as e:  # YAML dates and the like

@@ -26,7 +26,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from slmforge.errors import SlmforgeError
-from slmforge.io import atomic_write_text
+from slmforge.io import atomic_write_text, read_json
 
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
@@ -158,6 +158,8 @@ def chat_text(marked: str) -> ChatText:
 class Tokenizer:
     """A tokenizers.Tokenizer plus the special-token facts the rest of slmforge needs."""
 
+    template_source = "chat template"  # where the template came from, for its errors (from_dir: the file)
+
     def __init__(self, tok: HFTokenizer, bos: str | None = BOS, eos: str | None = EOS, pad: str | None = PAD,
                  chat_template: str | None = CHAT_TEMPLATE, stop_tokens: Iterable[str] = (END_OF_TURN,)):
         self.tok = tok
@@ -267,7 +269,12 @@ class Tokenizer:
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise SlmforgeError(f"messages[{i}]: need 'role' and 'content'")
-        template = compile_chat_template(self.chat_template)
+        try:
+            template = compile_chat_template(self.chat_template)
+        except SlmforgeError as e:
+            if self.template_source == "chat template":
+                raise
+            raise SlmforgeError(f"{self.template_source}: {e}") from None
         # as transformers: keys whose value is None are left out (templates test for missing keys)
         messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
         special = {k: v for k, v in (("bos_token", self.bos), ("eos_token", self.eos), ("pad_token", self.pad)) if v}
@@ -277,7 +284,8 @@ class Tokenizer:
                 return template.render(messages=msgs, add_generation_prompt=add_generation_prompt, **special)
             except Exception as e:  # a template is code from the model's author: any failure is the template's
                 kind = "" if isinstance(e, jinja2.TemplateError) else f"{type(e).__name__}: "
-                raise SlmforgeError(f"chat template: {kind}{e}") from None
+                where = "" if self.template_source == "chat template" else f"{self.template_source}: "
+                raise SlmforgeError(f"{where}chat template: {kind}{e}") from None
 
         marked_msgs = _mark(messages, self._control_tokens(self.chat_template))
         text = render(messages)
@@ -323,38 +331,56 @@ class Tokenizer:
         try:
             tok = HFTokenizer.from_file(str(tj))
         except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
-            raise SlmforgeError(f"{tj}: not a valid tokenizer file ({str(e).splitlines()[0]})") from None
-        cfg = {}
+            raise SlmforgeError(f"{tj}: not a valid tokenizer file ({_first_line(e)})") from None
         tc = path / "tokenizer_config.json"
-        if tc.is_file():
-            try:
-                cfg = json.loads(tc.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise SlmforgeError(f"{tc}: invalid JSON ({e})") from None
+        cfg = read_json(tc) if tc.is_file() else {}
+        if not isinstance(cfg, dict):
+            raise SlmforgeError(f"{tc}: expected a JSON object")
 
         def token(key: str) -> str | None:
             v = cfg.get(key)
-            return v.get("content") if isinstance(v, dict) else v
+            v = v.get("content") if isinstance(v, dict) else v
+            if v is not None and not isinstance(v, str):  # else a TypeError inside tokenizers
+                raise SlmforgeError(f"{tc}: {key}: expected a string or null, got {v!r}"[:200])
+            return v
 
         template = cfg.get("chat_template")
         if isinstance(template, list):  # the older hub layout: named templates, "default" is the chat one
             template = next((t.get("template") for t in template if isinstance(t, dict)
                              and t.get("name") == "default"), None)
+        if template is not None and not isinstance(template, str):
+            raise SlmforgeError(f"{tc}: chat_template: expected a string, got {type(template).__name__}")
+        source = tc
         jinja_file = path / "chat_template.jinja"  # where transformers >= 4.50 saves it
         if not template and jinja_file.is_file():
-            template = jinja_file.read_text(encoding="utf-8")
+            try:
+                template, source = jinja_file.read_text(encoding="utf-8"), jinja_file
+            except UnicodeDecodeError as e:
+                raise SlmforgeError(f"{jinja_file}: not UTF-8 text (byte {e.start})") from None
         out = cls(tok, bos=token("bos_token"), eos=token("eos_token"), pad=token("pad_token"),
                   chat_template=template or None)
+        out.template_source = str(source)
+        try:  # tokenizers reads some files it cannot write back and read again (encode's copy does that)
+            out._plain.encode("a b\n", add_special_tokens=False)
+        except Exception as e:
+            raise SlmforgeError(f"{tj}: not a valid tokenizer file ({_first_line(e)})") from None
         gc = path / "generation_config.json"
         if gc.is_file():  # a model directory: its generation config says which ids end a reply
-            try:
-                eos = json.loads(gc.read_text()).get("eos_token_id")
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise SlmforgeError(f"{gc}: invalid JSON ({e})") from None
-            ids = eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else []
+            gen = read_json(gc)
+            if not isinstance(gen, dict):
+                raise SlmforgeError(f"{gc}: expected a JSON object")
+            eos = gen.get("eos_token_id")
+            ids = eos if isinstance(eos, list) else [] if eos is None else [eos]
+            if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+                raise SlmforgeError(f"{gc}: eos_token_id: expected a token id or a list of them, got {eos!r}"[:200])
             if ids:
-                out.stop_ids = [int(i) for i in ids]
+                out.stop_ids = list(ids)
         return out
+
+
+def _first_line(e: Exception) -> str:
+    """An exception's first line of text (its type's name when it has none)."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 class StreamDecoder:

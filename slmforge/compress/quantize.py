@@ -140,7 +140,8 @@ def attach_quant(model: LlamaModel, path: Path, info: dict) -> None:
     try:
         state = load_file(str(path))
     except Exception as e:  # noqa: BLE001 - safetensors raises several kinds
-        raise SlmforgeError(f"{path}: unreadable or corrupt ({e})") from None
+        reason = str(e).replace("\r", "\\r").replace("\n", "\\n")  # (it may quote a newline from the header)
+        raise SlmforgeError(f"{path}: unreadable or corrupt ({reason})") from None
     bits = info.get("bits")
     mods = quantizable(model, info.get("lm_head", True))
     names = sorted({k.rsplit(".", 1)[0] for k in state})

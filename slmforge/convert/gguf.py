@@ -35,7 +35,7 @@ import torch
 from slmforge.config import ModelConfig
 from slmforge.errors import SlmforgeError
 from slmforge.io import check_out_file, fsync_dir
-from slmforge.modeldir import ModelDir, load_safetensors
+from slmforge.modeldir import ModelDir, check_state, load_safetensors
 from slmforge.tokenizer import Tokenizer
 
 Q = gguf.GGMLQuantizationType
@@ -222,6 +222,7 @@ def export_gguf(model_dir: str | Path, out: str | Path, type: str = "f16") -> Pa
     md = ModelDir.open(model_dir)
     cfg, tok = md.config, md.load_tokenizer()
     state = load_safetensors(md.path / "model.safetensors")
+    check_state(cfg, state, str(md.path / "model.safetensors"))  # names, shapes, NaN: as a load would
     arch = choose_arch(cfg, state)
     tensors = gguf_tensors(cfg, state, arch)
     quant = md.meta.get("quantization")

@@ -53,6 +53,7 @@ from rich.console import Console
 
 from slmforge.errors import FieldError, SlmforgeError, check_types
 from slmforge.io import atomic_write_text, check_out_dir, read_json, read_jsonl, write_json
+from slmforge.stage_config import check_yaml_size
 
 console = Console(stderr=True)
 
@@ -166,12 +167,16 @@ def load_curate_config(path: str | Path, **overrides) -> CurateConfig:
         raw = yaml.safe_load(text) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise SlmforgeError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    except RecursionError:  # PyYAML composes and constructs recursively
+        raise SlmforgeError(f"{path}: not valid YAML (nested too deeply)") from None
+    check_yaml_size(raw, path)  # a "billion laughs" of aliases
     if not isinstance(raw, dict):
         raise SlmforgeError(f"{path}: expected a mapping at the top level")
     known = set(CurateConfig.__dataclass_fields__)
-    unknown = sorted(set(raw) - known)
+    unknown = sorted(set(raw) - known, key=str)  # YAML keys need not be strings (`1: a`), nor of one type
     if unknown:
-        raise SlmforgeError(f"{path}:{_yaml_line(node, (unknown[0],))}: unknown field {unknown[0]!r} "
+        line = _yaml_line(node, (unknown[0],))
+        raise SlmforgeError(f"{path}{f':{line}' if line else ''}: unknown field {unknown[0]!r} "
                             f"(known: {', '.join(sorted(known))})")
     if isinstance(raw.get("inputs"), str):
         raw["inputs"] = [raw["inputs"]]
@@ -200,8 +205,8 @@ def _yaml_line(node, loc: tuple) -> int | None:
     line = None
     for part in loc:
         child = None
-        if isinstance(node, yaml.MappingNode):
-            child = next((v for k, v in node.value if k.value == part), None)
+        if isinstance(node, yaml.MappingNode):  # (a key node's value is its text: "1" for the key 1)
+            child = next((v for k, v in node.value if k.value in (part, str(part))), None)
         elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
             child = node.value[part]
         if child is None:

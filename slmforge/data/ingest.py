@@ -28,12 +28,13 @@ import sys
 import tempfile
 import time
 import unicodedata
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from slmforge.errors import SlmforgeError
-from slmforge.io import check_out_dir, read_json, write_json
+from slmforge.io import check_out_dir, parse_json, read_json, write_json
 
 SPLITS = ("paragraph", "line", "file")
 NORMAL_FORMS = ("NFC", "NFKC", "none")
@@ -174,8 +175,8 @@ class _Reader:
                         self.problem(f":{lineno}", f"not valid UTF-8 (byte {e.start} of the line)")
                         continue
                     yield lineno, line
-            except (OSError, EOFError) as e:  # gzip: truncated, or not gzip at all
-                self.problem("", f"cannot read ({e})")
+            except (OSError, EOFError, zlib.error) as e:  # gzip: truncated, corrupt, or not gzip at all
+                self.problem("", f"cannot read ({_one_line(e)})")
 
     def text(self) -> Iterator[tuple[str, dict]]:
         if self.split == "line":
@@ -205,15 +206,15 @@ class _Reader:
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                self.problem(f":{lineno}", f"invalid JSON ({e.msg})")
+                obj = parse_json(line, where=False)
+            except ValueError as e:
+                self.problem(f":{lineno}", f"invalid JSON ({e})")
                 continue
             if not isinstance(obj, dict):
                 self.problem(f":{lineno}", f"expected a JSON object, got {type(obj).__name__}")
                 continue
             if self.text_field not in obj:
-                keys = ", ".join(list(obj)[:8]) or "none"
+                keys = _names(list(obj)[:8]) or "none"
                 self.problem(f":{lineno}", f"no field {self.text_field!r} (fields: {keys}); "
                                            f"choose the text field with --text-field")
                 continue
@@ -231,11 +232,15 @@ class _Reader:
         # TSV files rarely quote, and a stray " at the start of a cell would swallow the lines after it.
         quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
         reader = csv.reader(lines(), delimiter=delimiter, quoting=quoting)
-        header = next(reader, None)
+        try:
+            header = next(reader, None)
+        except csv.Error as e:  # e.g. a lone \r inside the header line
+            self.problem(":1", f"bad CSV header ({e})")
+            return
         if header is None:
             return
         if self.text_field not in header:
-            self.problem(":1", f"no column {self.text_field!r} (columns: {', '.join(header)}); "
+            self.problem(":1", f"no column {self.text_field!r} (columns: {_names(header)}); "
                                f"choose the text column with --text-field")
             return
         while True:
@@ -261,19 +266,32 @@ class _Reader:
         try:
             pf = pq.ParquetFile(self.path)
         except (OSError, pa.ArrowException) as e:
-            self.problem("", f"cannot read as Parquet ({e})")
+            self.problem("", f"cannot read as Parquet ({_one_line(e)})")
             return
         columns = pf.schema_arrow.names
         if self.text_field not in columns:
-            self.problem("", f"no column {self.text_field!r} (columns: {', '.join(columns)}); "
+            self.problem("", f"no column {self.text_field!r} (columns: {_names(columns)}); "
                              f"choose the text column with --text-field")
             return
         size, rows = self.path.stat().st_size, max(pf.metadata.num_rows, 1)
         row = 0
-        for batch in pf.iter_batches(batch_size=1024):  # one batch in memory at a time
+        batches = pf.iter_batches(batch_size=1024)  # one batch in memory at a time
+        while True:
+            try:
+                batch = next(batches, None)
+            except (OSError, pa.ArrowException) as e:  # a corrupt page or column chunk
+                self.problem(f":{row}", f"cannot read as Parquet ({_one_line(e)})")
+                return
+            if batch is None:
+                return
             for rec in batch.to_pylist():
-                yield f":{row}", rec
+                where = f":{row}"
                 row += 1
+                try:
+                    yield where, {k: _json_value(v, k) for k, v in rec.items()}
+                except _NotJSON as e:
+                    self.problem(where, f"column {e.args[0]!r} holds {e.args[1]}, which a JSONL shard cannot "
+                                        f"keep (drop the column, or cast it to text)")
             self.stats.bytes += size * batch.num_rows // rows
 
     def hf_dataset(self) -> Iterator[tuple[str, dict]]:
@@ -285,7 +303,7 @@ class _Reader:
         try:
             loaded = datasets.load_from_disk(str(self.path))
         except (OSError, ValueError, FileNotFoundError) as e:
-            self.problem("", f"cannot load with datasets.load_from_disk ({e})")
+            self.problem("", f"cannot load with datasets.load_from_disk ({_one_line(e)})")
             return
         parts = loaded.items() if isinstance(loaded, datasets.DatasetDict) else [("", loaded)]
         size = input_size(self.path)
@@ -293,7 +311,7 @@ class _Reader:
         for split_name, ds in parts:
             if self.text_field not in ds.column_names:
                 self.problem(f"/{split_name}" if split_name else "",
-                             f"no column {self.text_field!r} (columns: {', '.join(ds.column_names)}); "
+                             f"no column {self.text_field!r} (columns: {_names(ds.column_names)}); "
                              f"choose the text column with --text-field")
                 continue
             prefix = f"/{split_name}:" if split_name else ":"
@@ -301,6 +319,39 @@ class _Reader:
                 yield f"{prefix}{i}", rec
                 if i % 1024 == 1023:
                     self.stats.bytes += size * 1024 // total
+
+
+class _NotJSON(Exception):
+    pass
+
+
+def _one_line(e: object) -> str:
+    """An error's text on one line (the CLI prints `error: ...` as one line; pyarrow's run over several)."""
+    return " ".join(str(e).split())
+
+
+def _names(names: Iterable) -> str:
+    """Field or column names for a message: as they are, or quoted where they hold a newline or the like."""
+    return ", ".join(n if isinstance(n, str) and n.isprintable() else repr(n) for n in names)
+
+
+def _json_value(v, column: str | None = None):
+    """A Parquet value as JSON can hold it: dates, times and decimals as their ISO/decimal text (what they
+    print as); bytes raise _NotJSON (there is no text to give them without guessing an encoding)."""
+    import datetime
+    import decimal
+
+    if v is None or isinstance(v, (str, int, float, bool)):
+        return v
+    if isinstance(v, (datetime.date, datetime.time)):
+        return v.isoformat()
+    if isinstance(v, (decimal.Decimal, datetime.timedelta)):
+        return str(v)
+    if isinstance(v, dict):
+        return {k: _json_value(x, column) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_value(x, column) for x in v]
+    raise _NotJSON(column, type(v).__name__)
 
 
 def iter_documents(
@@ -449,5 +500,8 @@ class _ShardWriter:
 
     def abort(self) -> None:
         if self.f is not None:
-            self.f.close()
-            self.f = None
+            f, self.f = self.f, None
+            try:
+                f.close()
+            except OSError:  # a full disk: closing flushes the buffer, and fails, again
+                pass

@@ -216,13 +216,46 @@ def _finish(out: Path, writers: dict[str, _SplitWriter], index: dict) -> None:
 
 
 def read_index(data_dir: str | Path) -> dict:
+    """index.json, checked: every field a reader indexes into is there, of its type, and names a file in
+    this folder (a damaged index is an error naming it, not a KeyError in pretraining)."""
     d = Path(data_dir)
     if not (d / "index.json").is_file():
         raise SlmforgeError(f"{d}: not a packed token directory (no index.json; run the pack step first)")
     index = read_json(d / "index.json")
+    if not isinstance(index, dict):
+        raise SlmforgeError(f"{d / 'index.json'}: expected a JSON object")
     if index.get("format") != FORMAT:
         raise SlmforgeError(f"{d / 'index.json'}: unknown format {index.get('format')!r} (expected {FORMAT})")
+    problem = _index_problem(index)
+    if problem:
+        raise SlmforgeError(f"{d / 'index.json'}: {problem} (a damaged pack: pack again)")
     return index
+
+
+def _count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _index_problem(index: dict) -> str | None:
+    if index.get("dtype") not in ("uint16", "uint32"):
+        return f"dtype {index.get('dtype')!r} (uint16 or uint32)"
+    if not _count(index.get("vocab_size")) or index["vocab_size"] < 1:
+        return f"vocab_size {index.get('vocab_size')!r}"
+    splits = index.get("splits")
+    if not isinstance(splits, dict):
+        return "no 'splits'"
+    for name in SPLITS:
+        info = splits.get(name)
+        if not isinstance(info, dict):
+            return f"splits.{name} missing"
+        for key in ("tokens", "documents"):
+            if not _count(info.get(key)):
+                return f"splits.{name}.{key} {info.get(key)!r} (a count)"
+        for key in ("file", "doc_offsets"):
+            f = info.get(key)
+            if not isinstance(f, str) or not f.isprintable() or f != Path(f).name or f in ("", ".", ".."):
+                return f"splits.{name}.{key} {f!r} (a file name in this folder)"
+    return None
 
 
 class TokenShards:
@@ -248,7 +281,23 @@ class TokenShards:
         return len(self.tokens)
 
     def doc_offsets(self) -> np.ndarray:
-        return np.load(self.dir / self.index["splits"][self.split]["doc_offsets"], mmap_mode="r")
+        """Where each document of the split starts: int64, one per document, ascending, within the split."""
+        info = self.index["splits"][self.split]
+        path = self.dir / info["doc_offsets"]
+        if not path.is_file():
+            raise SlmforgeError(f"{path}: missing (incomplete pack; pack again)")
+        try:
+            offsets = np.load(path, mmap_mode="r", allow_pickle=False)
+        except Exception as e:  # numpy raises ValueError, EOFError, OSError or SyntaxError for a bad header
+            raise SlmforgeError(f"{path}: not a .npy file of offsets ({str(e).strip()[:120]})") from None
+        ok = (isinstance(offsets, np.ndarray) and offsets.dtype == np.int64 and offsets.ndim == 1
+              and len(offsets) == info["documents"])
+        if ok and len(offsets):
+            ok = int(offsets[0]) == 0 and int(offsets[-1]) <= info["tokens"] and bool((np.diff(offsets) >= 0).all())
+        if not ok:
+            raise SlmforgeError(f"{path}: not the offsets of {info['documents']} documents in {info['tokens']} "
+                                f"tokens (a damaged pack: pack again)")
+        return offsets
 
     def _check(self, seq_len: int) -> None:
         if len(self) < seq_len + 1:
@@ -268,6 +317,10 @@ class TokenShards:
 
     def _windows(self, starts: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         buf = np.stack([self.tokens[s:s + seq_len + 1] for s in starts]).astype(np.int64)
+        if buf.size and int(buf.max()) >= self.index["vocab_size"]:  # else an IndexError inside the model
+            raise SlmforgeError(f"{self.dir / self.index['splits'][self.split]['file']}: token id {int(buf.max())}, "
+                                f"but index.json's vocab_size is {self.index['vocab_size']} (a damaged pack: "
+                                f"pack again)")
         t = torch.from_numpy(buf)
         return t[:, :-1].contiguous(), t[:, 1:].contiguous()
 

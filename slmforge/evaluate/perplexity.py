@@ -21,7 +21,6 @@ Inputs: .txt (documents separated by blank lines) or .jsonl (one object a line w
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from slmforge.errors import SlmforgeError
+from slmforge.io import parse_json
 
 
 def read_documents(path: str | Path, max_docs: int | None = None, text_field: str = "text") -> list[str]:
@@ -47,9 +47,9 @@ def read_documents(path: str | Path, max_docs: int | None = None, text_field: st
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SlmforgeError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+                row = parse_json(line, where=False)
+            except ValueError as e:
+                raise SlmforgeError(f"{path}:{lineno}: invalid JSON ({e})") from None
             text = row.get(text_field) if isinstance(row, dict) else None
             if not isinstance(text, str):
                 raise SlmforgeError(f"{path}:{lineno}: no string field {text_field!r}")

@@ -26,7 +26,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from slmforge.errors import SlmforgeError
-from slmforge.io import read_jsonl
+from slmforge.io import read_jsonl_lines
 
 
 def _pct(num: float, den: float) -> float:
@@ -313,9 +313,12 @@ def match_label(text: str, labels: Sequence[str]) -> str:
     return text.strip()
 
 
+_LINE = "__slmforge_line__"  # where a row read from a file came from, for the errors about its fields
+
+
 def _rows(src: str | Path | Sequence[dict], what: str) -> tuple[list[dict], str]:
     if isinstance(src, (str, Path)):
-        return list(read_jsonl(src)), str(src)
+        return [{**obj, _LINE: lineno} for lineno, obj in read_jsonl_lines(src)], str(src)
     return list(src), what
 
 
@@ -337,11 +340,23 @@ def _pair_up(preds: list[dict], refs: list[dict], pname: str, rname: str) -> lis
     return list(zip(preds, refs, strict=True))
 
 
-def _field(row: dict, names: Sequence[str], where: str, i: int):
+def _field(row: dict, names: Sequence[str], where: str, i: int, kinds: str = "any"):
+    """The first of `names` in the row, checked to be a string ("str"), a string or a list of strings
+    ("strs"), a string or an integer label ("label"), or anything ("any"): a reference of the wrong type
+    would otherwise end in a TypeError deep in a metric (or, turned into text, a silently wrong score)."""
     for name in names:
         if name in row:
-            return row[name]
-    raise SlmforgeError(f"{where}:{i + 1}: no field {names[0]!r}")
+            v = row[name]
+            ok = {"any": True, "str": isinstance(v, str),
+                  "strs": isinstance(v, str) or isinstance(v, list) and all(isinstance(x, str) for x in v),
+                  "label": isinstance(v, str) or isinstance(v, int) and not isinstance(v, bool)}[kinds]
+            if not ok:
+                want = {"str": "a string", "strs": "a string or a list of strings",
+                        "label": "a string or an integer"}[kinds]
+                got = "null" if v is None else type(v).__name__
+                raise SlmforgeError(f"{where}:{row.get(_LINE, i + 1)}: field {name!r} is not {want} (got {got})")
+            return v
+    raise SlmforgeError(f"{where}:{row.get(_LINE, i + 1)}: no field {names[0]!r}")
 
 
 def evaluate_predictions(task: str, predictions: str | Path | Sequence[dict],
@@ -374,12 +389,10 @@ def evaluate_predictions(task: str, predictions: str | Path | Sequence[dict],
         pairs = _pair_up(preds, refs, pname, rname)
     if not pairs:
         raise SlmforgeError(f"{pname}: no predictions")
-    hyp = [_field(p, [pred_field], pname, i) for i, (p, _) in enumerate(pairs)]
-    ref = [_field(r, ref_fields, rname, i) for i, (_, r) in enumerate(pairs)]
-    if task != "keyphrase":
-        for i, h in enumerate(hyp):
-            if not isinstance(h, str):
-                raise SlmforgeError(f"{pname}:{i + 1}: field {pred_field!r} is not a string")
+    hyp = [_field(p, [pred_field], pname, i, "strs" if task == "keyphrase" else "str")
+           for i, (p, _) in enumerate(pairs)]
+    ref_kind = {"classification": "label", "binary": "label", "summarization": "str"}.get(task, "strs")
+    ref = [_field(r, ref_fields, rname, i, ref_kind) for i, (_, r) in enumerate(pairs)]
 
     if task == "classification":
         labels = list(labels) if labels else sorted(set(map(str, ref)))

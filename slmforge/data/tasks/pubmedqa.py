@@ -29,6 +29,9 @@ def prepare_pubmedqa(data_dir: str | Path, out_dir: str | Path, seed: int = 0, n
     path = source_path(data_dir, "medical/pubmedqa_ori_pqal.json")
     truth_path = source_path(data_dir, "medical/pubmedqa_test_ground_truth.json")
     data, truth = read_json(path), read_json(truth_path)
+    for f, d in ((path, data), (truth_path, truth)):
+        if not isinstance(d, dict):
+            raise SlmforgeError(f"{f}: expected a JSON object of entries by PubMed id")
     examples = {}
     for pmid, item in data.items():
         try:
@@ -36,8 +39,12 @@ def prepare_pubmedqa(data_dir: str | Path, out_dir: str | Path, seed: int = 0, n
         except (KeyError, TypeError) as e:
             raise SlmforgeError(f"{path}: entry {pmid}: missing field {e}") from None
         if label not in PUBMEDQA_LABELS:
-            raise SlmforgeError(f"{path}: entry {pmid}: final_decision {label!r} is not yes/no/maybe")
-        sections = item.get("LABELS") or [""] * len(contexts)
+            raise SlmforgeError(f"{path}: entry {pmid}: final_decision {label!r} is not yes/no/maybe"[:300])
+        sections = item.get("LABELS") or [""] * (len(contexts) if isinstance(contexts, list) else 0)
+        for key, v in (("QUESTION", [question]), ("CONTEXTS", contexts), ("LABELS", sections)):
+            if not isinstance(v, list) or not all(isinstance(x, str) for x in v):  # else a TypeError in join
+                what = "a string" if key == "QUESTION" else "a list of strings"
+                raise SlmforgeError(f"{path}: entry {pmid}: {key} is not {what}")
         if len(sections) != len(contexts):
             raise SlmforgeError(f"{path}: entry {pmid}: {len(sections)} LABELS for {len(contexts)} CONTEXTS")
         context = "\n".join(f"{s.title()}: {c}" if s else c for s, c in zip(sections, contexts, strict=True))
