@@ -1,6 +1,7 @@
 """`slmforge <stage> ...`: a thin typer app over the typed functions that are the public API.
 
-User errors (SlmforgeError, missing files) print one line and exit 1; nothing is half-written.
+User errors (SlmforgeError; missing, unwritable or full paths) print one line and exit 1; nothing is
+half-written. SIGINT and SIGTERM stop a stage cleanly (slmforge/interrupt.py).
 """
 
 from __future__ import annotations
@@ -485,17 +486,39 @@ def export_onnx_cmd(
 
 
 def main() -> None:
+    from slmforge.errors import WRITE_ERRNOS, describe_os_error, os_error_behind
+    from slmforge.interrupt import sigterm_as_interrupt
+
     try:
-        app()
+        with sigterm_as_interrupt():  # `kill PID` unwinds like Ctrl-C: temp files are removed, one line printed
+            app()
     except SlmforgeError as e:
         typer.echo(f"error: {e}", err=True)
-        sys.exit(1)
-    except OSError as e:  # a missing, unwritable or full path: the user's to fix, so no traceback either
-        typer.echo(f"error: {e.strerror or e}: {e.filename}" if e.filename else f"error: {e}", err=True)
         sys.exit(1)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
+    except Exception as e:
+        # A full disk, a read-only or unwritable output, a missing input: the user's to fix, so one line and no
+        # traceback. Any other error is a bug and keeps its traceback.
+        err = os_error_behind(e)
+        if err is None:
+            raise
+        # a failed write() names no file: name the output the command was given
+        typer.echo(f"error: {describe_os_error(err, _out_option() if err.errno in WRITE_ERRNOS else None)}",
+                   err=True)
+        sys.exit(1)
+
+
+def _out_option() -> str | None:
+    """The command line's --out value, if any."""
+    args = sys.argv[1:]
+    for i, arg in enumerate(args):
+        if arg == "--out" and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith("--out="):
+            return arg.split("=", 1)[1]
+    return None
 
 
 if __name__ == "__main__":

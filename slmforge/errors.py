@@ -1,5 +1,8 @@
 """User-facing errors: the CLI prints these as one line and exits non-zero, without a traceback."""
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 class SlmforgeError(Exception):
     """A problem with the user's input (a file, a flag, a config field), not a bug in slmforge."""
@@ -82,3 +85,65 @@ def _adapter(tp):
 
 
 _ADAPTERS: dict = {}
+
+
+# --- the user's disk and paths --------------------------------------------------------------------------------
+#
+# An OSError with one of these errnos is the user's to fix (a full disk, a read-only or unwritable output, a file
+# where a folder should be, a missing input, no network), so the CLI prints it as one line. Any other errno
+# (EBADF, EINVAL, ...) is a bug in slmforge and keeps its traceback.
+
+def _errnos(*names: str) -> frozenset[int]:
+    import errno
+
+    return frozenset(getattr(errno, n) for n in names if hasattr(errno, n))  # (EDQUOT is not on every OS)
+
+
+WRITE_ERRNOS = _errnos("ENOSPC", "EDQUOT", "EFBIG", "EROFS", "EACCES", "EPERM", "ENOTDIR", "EISDIR", "EIO")
+USER_ERRNOS = WRITE_ERRNOS | _errnos("ENOENT", "EEXIST", "ENAMETOOLONG", "ELOOP", "ENOTEMPTY", "EMFILE", "ENFILE",
+                                     "EBUSY", "ETXTBSY", "EXDEV", "ENXIO", "ENODEV")
+
+
+def os_error_behind(exc: BaseException | None, errnos: frozenset[int] = USER_ERRNOS) -> OSError | None:
+    """The OSError with an errno in `errnos` that `exc` is, or was raised from or while handling; None if none.
+
+    Libraries wrap them: torch.save turns a full disk into a RuntimeError raised while handling the OSError, and
+    safetensors raises SafetensorError("... (os error 28)") with no OSError at all (its errno is read from the
+    message). Connection errors and timeouts (the network) count as the user's too."""
+    import os
+    import re
+
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and (exc.errno in errnos or isinstance(exc, (ConnectionError, TimeoutError))):
+            return exc
+        if type(exc).__name__ == "SafetensorError":
+            m = re.search(r"\(os error (\d+)\)", str(exc))
+            if m and int(m.group(1)) in errnos:
+                return OSError(int(m.group(1)), os.strerror(int(m.group(1))))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def describe_os_error(e: OSError, path: object = None) -> str:
+    """"PATH: reason" for an OSError, naming the file it names, else `path` (a failed write() names no file:
+    the caller says what it was writing); just the reason when neither is known."""
+    reason = e.strerror or str(e)
+    where = e.filename if e.filename is not None else path
+    return f"{where}: {reason}" if where is not None else reason
+
+
+@contextmanager
+def writes_into(out: object) -> Iterator[None]:
+    """Around code that writes under `out`: a user's OSError (os_error_behind) becomes one SlmforgeError naming
+    the file, or `out` when the error names none, so the CLI prints one line and no traceback."""
+    try:
+        yield
+    except SlmforgeError:
+        raise
+    except Exception as e:
+        err = os_error_behind(e)
+        if err is None:
+            raise
+        raise SlmforgeError(describe_os_error(err, out)) from None

@@ -42,6 +42,7 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import time
 import typing
 from collections import Counter
@@ -51,7 +52,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from slmforge.errors import FieldError, SlmforgeError, check_types
+from slmforge.errors import FieldError, SlmforgeError, check_types, writes_into
+from slmforge.interrupt import StopRequest
 from slmforge.io import atomic_write_text, check_out_dir, read_json, read_jsonl, write_json
 from slmforge.stage_config import check_yaml_size
 
@@ -290,29 +292,48 @@ def _run_shard_task(args: tuple) -> dict:
 
 
 def map_shards(fn: BatchFn, src_dir: Path, dst_dir: Path, workers: int, tokenizer: str | None,
-               label: str) -> list[dict]:
-    """Run a per-document stage over every shard with a process pool (shards already done are reused)."""
+               label: str, stop: StopRequest | None = None) -> list[dict]:
+    """Run a per-document stage over every shard with a process pool (shards already done are reused).
+    With `stop` (a StopRequest), a SIGINT/SIGTERM ends it between shards (Interrupted)."""
     from rich.progress import Progress
 
+    stop = stop or StopRequest()  # (one not entered: never requested)
     shards = shard_paths(src_dir)
     tasks = [(fn, s, dst_dir, tokenizer) for s in shards]
-    results = []
+    results: list[dict] = []
+
+    def written() -> str:
+        return f"{len(results)} of {len(tasks)} {label} shards written to {dst_dir}"
+
     with Progress(console=console, transient=True) as progress:
         bar = progress.add_task(label, total=len(tasks))
         if workers > 1 and len(tasks) > 1:
             # spawn: torch and tokenizers are not fork-safe once their thread pools have started
             with mp.get_context("spawn").Pool(min(workers, len(tasks)), initializer=_worker_init) as pool:
-                for r in pool.imap(_run_shard_task, tasks):
-                    results.append(r)
+                pending = pool.imap(_run_shard_task, tasks)
+                for _ in tasks:
+                    # Waited for in short slices, so that a stop is seen at once. The shards in flight are then
+                    # dropped: leaving the pool terminates the workers (atomic writes: no shard is half-written;
+                    # a re-run removes their temp files and writes those shards).
+                    while True:
+                        try:
+                            results.append(pending.next(timeout=0.2))
+                            break
+                        except mp.TimeoutError:
+                            stop.check(written())
                     progress.advance(bar)
+                    stop.check(written())
         else:
             for t in tasks:
                 results.append(_run_shard_task(t))
                 progress.advance(bar)
+                stop.check(written())
     return results
 
 
 def _worker_init() -> None:
+    # Ctrl-C signals the whole process group: the parent decides when to stop (between shards)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
@@ -406,10 +427,13 @@ def _signatures_of_shard(args: tuple) -> list:
     return [minhash_signature(d["text"], cfg) for d in read_jsonl(path)]
 
 
-def run_dedup(src_dir: Path, dst_dir: Path, opts: dict, workers: int, tokenizer: str | None) -> list[dict]:
-    """Exact + MinHash near-dedup over all shards: signatures in parallel, clustering in one process."""
+def run_dedup(src_dir: Path, dst_dir: Path, opts: dict, workers: int, tokenizer: str | None,
+              stop: StopRequest | None = None) -> list[dict]:
+    """Exact + MinHash near-dedup over all shards: signatures in parallel, clustering in one process. With
+    `stop`, a SIGINT/SIGTERM ends it between the shards it writes (Interrupted)."""
     from slmforge.data.dedup import DedupConfig, duplicate_map
 
+    stop = stop or StopRequest()
     cfg = _dataclass_from(DedupConfig, dict(opts or {}), "dedup")
     shards = shard_paths(src_dir)
     with console.status("dedup: MinHash signatures"):
@@ -446,6 +470,7 @@ def run_dedup(src_dir: Path, dst_dir: Path, opts: dict, workers: int, tokenizer:
 
         results.append(run_doc_fn_on_shard(fn, s, dst_dir, tokenizer))
         offset += len(shard_sigs)
+        stop.check(f"{len(results)} of {len(shards)} dedup shards written to {dst_dir}")
     # clusters: groups of duplicates, each represented by the one document kept
     results[0]["clusters"] = len({d.kept for d in dupes.values()}) if results else 0
     return results
@@ -604,8 +629,10 @@ def curate(cfg: CurateConfig) -> dict:
             if not glob.glob(pattern):
                 raise SlmforgeError(f"curate config: inputs: {pattern}: no such file")
     out.mkdir(parents=True, exist_ok=True)
+    _remove_temp_files(out)
     try:
-        return _curate(cfg, out)
+        with writes_into(out), StopRequest() as stop:
+            return _curate(cfg, out, stop)
     except BaseException:
         # a folder this run made and nothing in it worth resuming from (no finished source, no synth rows)
         if created and not (out / "00-source.done").exists() and \
@@ -614,11 +641,20 @@ def curate(cfg: CurateConfig) -> dict:
         raise
 
 
-def _curate(cfg: CurateConfig, out: Path) -> dict:
+def _remove_temp_files(out: Path) -> None:
+    """Delete the temp files of writes that a killed run left (`.NAME.XXXXXXXX.tmp` from atomic_write_text, the
+    funnel's, the `final` link's): one run writes a curate folder at a time, so any found now are dead."""
+    for p in [*out.glob(".*.tmp"), *out.glob("*/.*.tmp")]:
+        if p.is_symlink() or p.is_file():
+            p.unlink(missing_ok=True)
+
+
+def _curate(cfg: CurateConfig, out: Path, stop: StopRequest) -> dict:
     t_start = time.time()
     console.print(f"[bold]curate[/] -> {out} ({cfg.executor} executor, {cfg.workers} worker(s))")
     stages = [{"stage": "source", **run_source(cfg, out)}]
     console.print(f"· source: {stages[0]['out']['docs']:,} docs")
+    stop.check(f"the source shards are written to {out / '00-source'}")
     src = out / "00-source"
     for i, st in enumerate(cfg.stages, 1):
         name, opts = next(iter(st.items()))
@@ -630,13 +666,13 @@ def _curate(cfg: CurateConfig, out: Path) -> dict:
             dst.mkdir(parents=True, exist_ok=True)
             t0 = time.time()
             if name == "dedup":
-                shard_results = run_dedup(src, dst, opts, cfg.workers, cfg.tokenizer)
+                shard_results = run_dedup(src, dst, opts, cfg.workers, cfg.tokenizer, stop)
             else:
                 fn = make_doc_fn(name, opts, cfg)
                 if cfg.executor == "datatrove":
                     shard_results = run_datatrove(fn, src, dst, cfg.workers, cfg.tokenizer)
                 else:
-                    shard_results = map_shards(fn, src, dst, cfg.workers, cfg.tokenizer, name)
+                    shard_results = map_shards(fn, src, dst, cfg.workers, cfg.tokenizer, name, stop)
             result = {**_merge(shard_results), "seconds": time.time() - t0, "options": opts or {}}
             if name == "dedup":
                 result["clusters"] = shard_results[0].get("clusters", 0) if shard_results else 0
@@ -646,9 +682,12 @@ def _curate(cfg: CurateConfig, out: Path) -> dict:
                       f"({result['in']['docs'] - result['out']['docs']:,} removed)")
         src = dst
     final = out / "final"
-    if final.is_symlink() or final.exists():
-        final.unlink() if final.is_symlink() else shutil.rmtree(final)
-    final.symlink_to(src.name)
+    if final.exists() and not final.is_symlink():
+        shutil.rmtree(final)
+    link = out / ".final.tmp"
+    link.unlink(missing_ok=True)
+    link.symlink_to(src.name)
+    os.replace(link, final)  # one rename: `final` is never missing once a run has finished
     report = {"config": {k: v for k, v in vars(cfg).items()}, "stages": stages, "final_dir": str(src),
               "seconds": time.time() - t_start}
     write_curate_report(report, out)
@@ -702,6 +741,9 @@ def write_curate_report(report: dict, out: Path) -> None:
         ax.text(j, s["out"]["docs"], f"{s['out']['docs']:,}", ha="center", va="bottom", fontsize=8)
     fig.tight_layout()
     tmp = out / ".funnel.png.tmp"
-    fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    os.replace(tmp, out / "funnel.png")
+    try:
+        fig.savefig(tmp, format="png", dpi=110)
+        os.replace(tmp, out / "funnel.png")
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)

@@ -18,13 +18,15 @@ output   one JSONL row per sample: {"id": "<recipe>-<seed>-<i>", "text", "recipe
          fields, "prompt"}. Rows are written a batch at a time, then flushed and fsynced, so the file only
          ever ends in a cut line when the process was killed mid-write; a re-run cuts that line off, skips the
          ids already there and writes the rest, so an interrupted run finishes with no duplicates and no gaps
-         (and, with a deterministic teacher, byte for byte the file an uninterrupted run writes).
+         (and, with a deterministic teacher, byte for byte the file an uninterrupted run writes). Ctrl-C or
+         SIGTERM stops after the batch in hand is written; a batch a full disk cannot take is cut off again.
 stats    out_path + ".stats.json": counts (written, failed, empty, refused), speed, and the teacher's token
          usage and cost, for this run and summed over all runs on the file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -35,6 +37,7 @@ from pathlib import Path
 
 from slmforge.data import storygen, textbook
 from slmforge.errors import SlmforgeError
+from slmforge.interrupt import StopRequest
 from slmforge.io import read_json, write_json
 
 RECIPES = ("stories", "textbook")
@@ -348,10 +351,13 @@ def synthesize(recipe: str, n: int, out_path: str | Path, teacher: str = "builti
 
     t0, n_bytes, first_error = time.perf_counter(), 0, None
     out_path.parent.mkdir(parents=True, exist_ok=True)
+    for tmp in out_path.parent.glob(f".{stats_path.name}.*.tmp"):
+        tmp.unlink(missing_ok=True)  # a stats file a killed run was writing (write_json's temp file)
     finish()  # a stats file marked incomplete exists before the first row does
     bar = _progress(progress, f"{recipe} ({teacher_name})", len(todo))
     try:
-        with open(out_path, "ab") as f:
+        # unbuffered: a failed write is seen at once, and nothing is left in a buffer to be flushed at close
+        with StopRequest() as stop, open(out_path, "ab", buffering=0) as f:
             for start in range(0, len(todo), batch_size):
                 plans = [plan_sample(recipe, i, seed, topics) for i in todo[start:start + batch_size]]
                 error = None
@@ -363,7 +369,7 @@ def synthesize(recipe: str, n: int, out_path: str | Path, teacher: str = "builti
                     texts, error = _ask_teacher(lm, plans, sampling, on_error, stats)
                     first_error = first_error or error
                     error = error if on_error == "fail" else None
-                lines = []
+                lines, ids = [], []
                 for plan, text in zip(plans, texts, strict=True):
                     if text is None:
                         continue
@@ -378,11 +384,10 @@ def synthesize(recipe: str, n: int, out_path: str | Path, teacher: str = "builti
                     row = {"id": rid, "text": text, "recipe": recipe, "teacher": teacher_name,
                            **({"prompt": ""} if base_lm else {**plan.fields, "prompt": plan.prompt})}
                     lines.append(json.dumps(row, ensure_ascii=False) + "\n")
-                    done.add(rid)
+                    ids.append(rid)
                 data = "".join(lines).encode("utf-8")
-                f.write(data)  # whole lines only, then onto the disk, before the next batch is asked for
-                f.flush()
-                os.fsync(f.fileno())
+                append_whole_lines(f, data, out_path)  # on the disk before the next batch is asked for
+                done.update(ids)
                 n_bytes += len(data)
                 stats.written += len(lines)
                 if bar is not None:
@@ -391,15 +396,40 @@ def synthesize(recipe: str, n: int, out_path: str | Path, teacher: str = "builti
                 if error is not None:
                     raise SlmforgeError(f"{recipe} sample {plans[0].index}..{plans[-1].index}: {error} "
                                         f"(the rows that succeeded are saved; re-run to resume)")
+                stop.check(f"{out_path} holds {len(done):,} of {n:,} samples, whole rows only")
         if stats.failed and not (stats.written or stats.empty or stats.refused):
             # skipping failures is for the odd one; a run where nothing got through is not a success
             raise SlmforgeError(f"{teacher_name}: all {stats.failed} teacher requests failed; the first: "
                                 f"{first_error}")
-    finally:
-        if bar is not None:
-            bar[0].stop()
-        finish()
+    except BaseException:
+        _stop(bar)
+        with contextlib.suppress(SlmforgeError):  # (a full disk: the error in flight is the one to report)
+            finish()
+        raise
+    _stop(bar)
+    finish()
     return stats
+
+
+def append_whole_lines(f, data: bytes, path: Path) -> None:
+    """Append `data` (whole JSONL lines) to the unbuffered file `f` and fsync. A write the disk cannot take
+    (full, quota) is cut off again, so the file still ends in a whole line, and is an error naming `path`."""
+    end = f.seek(0, os.SEEK_END)
+    view = memoryview(data)
+    try:
+        while view:  # an unbuffered write may take only part of the data
+            view = view[f.write(view):]
+        os.fsync(f.fileno())
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            f.truncate(end)
+        raise SlmforgeError(f"{path}: cannot write ({e.strerror or e}); the rows before are kept, "
+                            f"re-run to resume") from None
+
+
+def _stop(bar) -> None:
+    if bar is not None:
+        bar[0].stop()
 
 
 def _progress(enabled: bool, label: str, total: int):
