@@ -232,6 +232,9 @@ def export_gguf(model_dir: str | Path, out: str | Path, type: str = "f16") -> Pa
             raise SlmforgeError(f"{md.path}: {quant['bits']}-bit weights export exactly as {EXACT_TYPE[quant['bits']]} "
                                 f"(or as f32/f16); {type} would quantize them a second time")
         if type == EXACT_TYPE[quant["bits"]]:
+            # the integers are written as they are: first the check a load makes (attach_quant: every matrix
+            # there, of its shape, and dequantizing to model.safetensors), so a damaged file is an error
+            md.load_model()
             exact = quantized_blocks(cfg, state, md, arch)
     vocab = gguf_vocab(tok, cfg.vocab_size)
     qtype, file_type = TYPES[type]
