@@ -176,7 +176,7 @@ def pretrain(
     ctx: Annotated[int | None, typer.Option(help="Context length (default: the preset's).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from out/checkpoints/last.pt if present.")] = True,
 ) -> None:
-    """Pretrain a fresh model on packed tokens (resumable; runs under torchrun for DDP)."""
+    """Pretrain a fresh model on packed tokens (resumable; under torchrun: DDP, or FSDP2 with --fsdp)."""
     from slmforge.config import preset as make_preset
     from slmforge.tokenizer import Tokenizer
     from slmforge.train.pretrain import pretrain as run_pretrain

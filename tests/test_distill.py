@@ -269,3 +269,34 @@ def test_on_policy_batches_distil_on_the_students_own_tokens(world, tmp_path):
     assert len(losses) == 4 and all(0 < v < 50 for v in losses)
     with pytest.raises(ConfigError, match="lmbda"):
         DistillConfig(lmbda=0.5, top_k=4, cache=str(tmp_path / "c"))
+
+
+def test_topk_cache_survives_a_kill_while_growing_and_reserves_disk_before_writing(tmp_path):
+    key = {"batch_size": 2, "seq_len": 4, "k": 3}
+    class Teacher(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            return (torch.randn(*x.shape, 10),)
+
+    teacher = Teacher()
+    cache = TopKCache(tmp_path / "c", key)
+    x = torch.zeros(2, 4, dtype=torch.long)
+    cache.lookup(0, x, teacher, 10)
+    # a kill between growing values.f16 and filled.u8: the data files are longer than filled says
+    with open(tmp_path / "c" / "values.f16", "ab") as f:
+        f.truncate(f.tell() * 4)
+    again = TopKCache(tmp_path / "c", key)
+    assert again.filled_batches == 1
+    v, i = again.lookup(0, x, teacher, 10)
+    assert v.shape == (2, 4, 3) and i.shape == (2, 4, 3)
+    # the batch written is backed by real blocks (posix_fallocate), not a sparse hole
+    st = (tmp_path / "c" / "indices.i32").stat()
+    assert st.st_blocks * 512 >= 2 * 4 * 3 * 4
+    # a shorter data file than filled says is still refused
+    with open(tmp_path / "c" / "indices.i32", "r+b") as f:
+        f.truncate(8)
+    with pytest.raises(SlmforgeError, match="corrupt top-k cache"):
+        TopKCache(tmp_path / "c", key)

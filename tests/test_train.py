@@ -113,6 +113,48 @@ def test_grad_accumulation_matches_big_batch(tmp_path):
         torch.testing.assert_close(p1, p2, rtol=1e-4, atol=1e-5, msg=k)
 
 
+def test_clipping_matches_torch_and_a_full_disk_or_a_killed_write_leaves_no_temp(tmp_path, monkeypatch):
+    import errno
+
+    from slmforge.train import loop
+
+    torch.manual_seed(0)
+    a, b = LlamaModel(ModelConfig(**TINY)), LlamaModel(ModelConfig(**TINY))
+    b.load_state_dict(a.state_dict())
+    x = torch.randint(0, 320, (2, 16))
+    for m in (a, b):
+        (m(x, x)[1] * 50).backward()
+    ours = loop.clip_grad_norm(a, 1.0)
+    theirs = torch.nn.utils.clip_grad_norm_(b.parameters(), 1.0)
+    assert ours.item() == pytest.approx(theirs.item(), rel=1e-5) and ours.item() > 1
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-8)
+
+    ckpt = tmp_path / "checkpoints" / "last.pt"
+    loop.save_checkpoint(ckpt, {"step": 1})
+    stale = ckpt.with_name(".last.pt.12345.tmp")  # what a SIGKILL mid-write leaves
+    stale.write_bytes(b"x" * 100)
+    loop.remove_stale_checkpoint_temps(ckpt.parent)
+    assert not stale.exists() and ckpt.is_file()
+
+    class FullDisk:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def flush(self):
+            pass
+
+    recording = loop._WriteErrors
+    monkeypatch.setattr(loop, "_WriteErrors", lambda f: recording(FullDisk(f)))
+    with pytest.raises(SlmforgeError, match=r"last.pt: cannot write the checkpoint \(No space left on device\)"):
+        loop.save_checkpoint(ckpt, {"step": 2, "w": torch.zeros(1000)})
+    assert torch.load(ckpt, weights_only=False)["step"] == 1  # the previous one is kept
+    assert [p.name for p in ckpt.parent.iterdir()] == ["last.pt"]
+
+
 def test_custom_loss_and_masked_targets(tmp_path):
     """Finetune passes -100-masked targets; distill passes its own loss_fn."""
     m = LlamaModel(ModelConfig(**TINY))

@@ -150,14 +150,16 @@ class TopKCache:
         values, indices, filled = self._paths()
         n = filled.stat().st_size if filled.exists() else 0
         sizes = [p.stat().st_size if p.exists() else 0 for p in (values, indices)]
-        if sizes != [n * per * 2, n * per * 4]:
+        # filled.u8 grows last, so a kill while growing leaves data files longer than it says: still valid
+        if sizes[0] < n * per * 2 or sizes[1] < n * per * 4:
             raise SlmforgeError(f"{self.folder}: corrupt top-k cache (file sizes do not match {n} batches); "
                                 f"delete it")
         if need > n:  # grow (sparse files: unwritten batches take no disk)
             n = max(need, 2 * n, 64)
             for p, size in ((values, n * per * 2), (indices, n * per * 4), (filled, n)):
                 with open(p, "ab") as f:
-                    f.truncate(size)
+                    if f.tell() < size:
+                        f.truncate(size)
         self.n = n
         if n:
             self.values = np.memmap(values, np.float16, "r+", shape=(n, *self.row))
@@ -173,6 +175,7 @@ class TopKCache:
         if not self.filled[i]:
             with torch.no_grad():
                 values, indices = teacher_topk(teacher_on(teacher, x.device)(x)[0][..., :vocab], self.row[2])
+            self._reserve(i)
             self.values[i] = values.cpu().numpy().astype(np.float16)
             self.indices[i] = indices.cpu().numpy()
             self.values.flush()
@@ -182,6 +185,20 @@ class TopKCache:
         # Read back what is stored, so a run that computes a batch and one that reads it train the same.
         return (torch.from_numpy(np.asarray(self.values[i], dtype=np.float32)).to(x.device),
                 torch.from_numpy(np.asarray(self.indices[i])).to(x.device))
+
+    def _reserve(self, i: int) -> None:
+        """Give batch i's bytes real disk blocks before writing them through the memory map: on a full disk
+        that raises ENOSPC here, where a write to an unbacked sparse page would kill the process (SIGBUS)."""
+        per = int(np.prod(self.row))
+        for path, offset, size in zip(self._paths(), (i * per * 2, i * per * 4, i), (per * 2, per * 4, 1), strict=True):
+            fd = os.open(path, os.O_RDWR)
+            try:
+                os.posix_fallocate(fd, offset, size)
+            except OSError as e:
+                raise SlmforgeError(f"{self.folder}: cannot store the teacher's top-k logits "
+                                    f"({e.strerror or e})") from None
+            finally:
+                os.close(fd)
 
     @property
     def filled_batches(self) -> int:

@@ -310,15 +310,46 @@ def save_checkpoint(path: Path, state: dict) -> None:
     """torch.save to a temp file, fsync, rename: a kill mid-write leaves the previous checkpoint."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    writer = None
     try:
         with open(tmp, "wb") as f:
-            torch.save(state, f)
+            writer = _WriteErrors(f)
+            torch.save(state, writer)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save turns a failed write (a full disk) into a RuntimeError
+        tmp.unlink(missing_ok=True)
+        e = writer.error if writer is not None and writer.error is not None else e
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+        raise SlmforgeError(f"{path}: cannot write the checkpoint ({reason}); the previous one is kept") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+class _WriteErrors:
+    """A file for torch.save that keeps the OSError of a failed write, which torch.save replaces by a
+    RuntimeError ("unexpected pos") that does not say why."""
+
+    def __init__(self, f) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def remove_stale_checkpoint_temps(folder: Path) -> None:
+    """Temp files of checkpoints a SIGKILL cut short (checkpoint-sized, never read again)."""
+    for stale in folder.glob(".*.pt.*.tmp"):
+        stale.unlink(missing_ok=True)
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -520,6 +551,7 @@ def _train(model, get_batch, cfg, out, eval_batches, on_eval, loss_fn, resume, d
     metrics_path = out / "metrics.jsonl"
     if master:
         out.mkdir(parents=True, exist_ok=True)
+        remove_stale_checkpoint_temps(ckpt_path.parent)
 
     fsdp = cfg.fsdp and world > 1
     if cfg.fsdp and world == 1:
@@ -905,6 +937,9 @@ def plot_loss_curve(metrics_jsonl: str | Path, out_png: str | Path, title: str |
     out = Path(out_png)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp)
-    os.replace(tmp, out)
+    try:
+        fig.savefig(tmp)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
     return out
