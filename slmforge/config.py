@@ -36,11 +36,17 @@ class ModelConfig:
             raise SlmforgeError("model config: head counts must be positive")
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
+        try:  # as floats: torch takes a Python int as int64, and 2**70 from config.json overflowed in forward
+            self.rope_theta, self.rms_norm_eps = float(self.rope_theta), float(self.rms_norm_eps)
+            self.initializer_range = float(self.initializer_range)
+        except OverflowError:
+            raise SlmforgeError("model config: rope_theta, rms_norm_eps and initializer_range must be finite") from None
         checks = [
             (self.vocab_size > 0, "vocab_size must be positive"),
             (min(self.hidden_size, self.intermediate_size, self.num_hidden_layers, self.head_dim) > 0,
              "hidden_size, intermediate_size, num_hidden_layers and head_dim must be positive"),
             (self.rope_theta > 0 and self.rms_norm_eps > 0, "rope_theta and rms_norm_eps must be positive"),
+            (self.rms_norm_eps < 1, "rms_norm_eps must be below 1 (it is a guard against dividing by 0: 1e-5, 1e-6)"),
             # inf passes `> 0`: an infinite rope_theta turns RoPE off and an infinite eps zeroes every norm
             (math.isfinite(self.rope_theta) and math.isfinite(self.rms_norm_eps)
              and math.isfinite(self.initializer_range), "rope_theta, rms_norm_eps and initializer_range must be finite"),

@@ -70,6 +70,8 @@ JSON_FILES = ["config.json", "slmforge.json", "tokenizer_config.json", "generati
 @example("config.json", {"num_hidden_layers": 10**9})  # a billion layers built one by one
 @example("config.json", {"rms_norm_eps": float("inf")})  # every norm output 0: a silently wrong model
 @example("config.json", {"rope_theta": float("inf")})
+@example("config.json", {"rope_theta": 2**70})  # an OverflowError in RoPE: torch takes Python ints as int64
+@example("config.json", {"rms_norm_eps": 2**70})  # and in RMSNorm
 @example("slmforge.json", {"quantization": {"bits": 3, "modules": 1}})
 @example("slmforge.json", {"classifier": True})  # a TypeError in predict
 @example("tokenizer_config.json", [1, 2])  # AttributeError: 'list' object has no attribute 'get'
