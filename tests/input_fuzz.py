@@ -78,7 +78,8 @@ def read_or_error(fn: Callable[[], Any], *names: str, seconds: float = DEADLINE_
 _INTERESTING = [0x00, 0xFF, 0x7F, 0x80, 0x0A, 0x22, 0x2C, 0x7B, 0x5B, 0x39, 0x2D, 0xC3]
 
 
-def _apply(data: bytes, ops: list[tuple]) -> bytes:
+def apply_ops(data: bytes, ops: list[tuple]) -> bytes:
+    """The edits `mutated` draws, applied (also how an @example replays a shrunk failure)."""
     out = bytearray(data)
     for op, pos, arg in ops:
         pos = min(pos, len(out))
@@ -109,7 +110,7 @@ def mutated(data: bytes, max_ops: int = 4) -> st.SearchStrategy[bytes]:
         st.tuples(st.just("insert"), pos, st.binary(min_size=1, max_size=16)),
         st.tuples(st.just("repeat"), pos, st.integers(1, 64)),
     )
-    return st.lists(op, min_size=1, max_size=max_ops).map(lambda ops: _apply(data, ops))
+    return st.lists(op, min_size=1, max_size=max_ops).map(lambda ops: apply_ops(data, ops))
 
 
 def file_bytes(valid: bytes) -> st.SearchStrategy[bytes]:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
-from input_fuzz import deep, edited, file_bytes, fuzz_settings, junk, read_or_error
+from input_fuzz import apply_ops, deep, edited, file_bytes, fuzz_settings, junk, read_or_error
 
 from conftest import small_corpus
 
@@ -124,11 +124,15 @@ def _column_values():
 @fuzz_settings(20)
 @given(text=_column_values(), other=_column_values(), data=st.data())
 @example(text=["a", "b", "c"], other=[b"\x00\xff", b"x", None], data=None)  # bytes: a TypeError in the shard writer
+# a footer whose column name is not UTF-8: UnicodeDecodeError from pyarrow's schema
+@example(text=[1, 2, None], other=[[1, 2], [], None], data=[("delete", 0, 1), ("delete", 0, 1), ("set", 244, 255)])
 def test_ingest_parquet_column_types(text, other, data):
     """Parquet with a text column of any type and a metadata column of any type, then byte mutations."""
     raw = _parquet({"text": text, "meta": other})
     _ingest("c.parquet", raw)
-    if data is not None:
+    if isinstance(data, list):
+        _ingest("c.parquet", apply_ops(raw, data))
+    elif data is not None:
         _ingest("c.parquet", data.draw(file_bytes(raw)))
 
 
@@ -235,6 +239,7 @@ EVAL_TASKS = ["classification", "binary", "translation", "summarization", "qa", 
 @example("keyphrase", 0, {"prediction": [None, 3], "keyphrases": [{"a": 1}]})
 @example("qa", 0, {"prediction": "a", "answers": [None]})
 @example("summarization", 0, {"prediction": "a", "completion": None})
+@example("translation", 0, {"prediction": "a", "completion": []})  # no reference: a TypeError in sacrebleu
 def test_eval_task_predictions(task, i, data):
     """eval-task on predictions whose fields were deleted or retyped: metrics, or an error naming the file."""
     from slmforge.evaluate.tasks import evaluate_predictions

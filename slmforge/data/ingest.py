@@ -263,28 +263,32 @@ class _Reader:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
+        # A damaged file fails in pyarrow as OSError or ArrowException, or as UnicodeDecodeError where a name or
+        # a string value is not UTF-8; from the footer (here) or from a page (below).
+        broken = (OSError, pa.ArrowException, UnicodeDecodeError)
         try:
             pf = pq.ParquetFile(self.path)
-        except (OSError, pa.ArrowException) as e:
+            columns, n_rows = pf.schema_arrow.names, pf.metadata.num_rows
+        except broken as e:
             self.problem("", f"cannot read as Parquet ({_one_line(e)})")
             return
-        columns = pf.schema_arrow.names
         if self.text_field not in columns:
             self.problem("", f"no column {self.text_field!r} (columns: {_names(columns)}); "
                              f"choose the text column with --text-field")
             return
-        size, rows = self.path.stat().st_size, max(pf.metadata.num_rows, 1)
+        size, rows = self.path.stat().st_size, max(n_rows, 1)
         row = 0
         batches = pf.iter_batches(batch_size=1024)  # one batch in memory at a time
         while True:
             try:
                 batch = next(batches, None)
-            except (OSError, pa.ArrowException) as e:  # a corrupt page or column chunk
+                records = batch.to_pylist() if batch is not None else []
+            except broken as e:  # a corrupt page or column chunk
                 self.problem(f":{row}", f"cannot read as Parquet ({_one_line(e)})")
                 return
             if batch is None:
                 return
-            for rec in batch.to_pylist():
+            for rec in records:
                 where = f":{row}"
                 row += 1
                 try:

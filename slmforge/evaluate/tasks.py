@@ -347,12 +347,12 @@ def _field(row: dict, names: Sequence[str], where: str, i: int, kinds: str = "an
     for name in names:
         if name in row:
             v = row[name]
-            ok = {"any": True, "str": isinstance(v, str),
-                  "strs": isinstance(v, str) or isinstance(v, list) and all(isinstance(x, str) for x in v),
+            strs = isinstance(v, str) or isinstance(v, list) and all(isinstance(x, str) for x in v)
+            ok = {"any": True, "str": isinstance(v, str), "strs": strs, "strs1": strs and v != [],
                   "label": isinstance(v, str) or isinstance(v, int) and not isinstance(v, bool)}[kinds]
             if not ok:
                 want = {"str": "a string", "strs": "a string or a list of strings",
-                        "label": "a string or an integer"}[kinds]
+                        "strs1": "a string or a non-empty list of strings", "label": "a string or an integer"}[kinds]
                 got = "null" if v is None else type(v).__name__
                 raise SlmforgeError(f"{where}:{row.get(_LINE, i + 1)}: field {name!r} is not {want} (got {got})")
             return v
@@ -391,7 +391,9 @@ def evaluate_predictions(task: str, predictions: str | Path | Sequence[dict],
         raise SlmforgeError(f"{pname}: no predictions")
     hyp = [_field(p, [pred_field], pname, i, "strs" if task == "keyphrase" else "str")
            for i, (p, _) in enumerate(pairs)]
-    ref_kind = {"classification": "label", "binary": "label", "summarization": "str"}.get(task, "strs")
+    # (translation: every example needs a reference; sacrebleu fails on an empty list)
+    ref_kind = {"classification": "label", "binary": "label", "summarization": "str",
+                "translation": "strs1"}.get(task, "strs")
     ref = [_field(r, ref_fields, rname, i, ref_kind) for i, (_, r) in enumerate(pairs)]
 
     if task == "classification":
