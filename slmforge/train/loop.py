@@ -57,7 +57,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from slmforge.errors import ConfigError, SlmforgeError
+from slmforge.errors import ConfigError, SlmforgeError, os_error_behind
 from slmforge.io import atomic_write_text
 
 Batch = Any  # a tuple/list (or dict) of tensors; the default loss reads (x, y)
@@ -310,40 +310,22 @@ def save_checkpoint(path: Path, state: dict) -> None:
     """torch.save to a temp file, fsync, rename: a kill mid-write leaves the previous checkpoint."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    writer = None
     try:
         with open(tmp, "wb") as f:
-            writer = _WriteErrors(f)
-            torch.save(state, writer)
+            torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch.save turns a failed write (a full disk) into a RuntimeError
+    except Exception as e:
         tmp.unlink(missing_ok=True)
-        e = writer.error if writer is not None and writer.error is not None else e
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
-        raise SlmforgeError(f"{path}: cannot write the checkpoint ({reason}); the previous one is kept") from None
+        err = os_error_behind(e)  # torch.save turns a failed write (a full disk) into a RuntimeError
+        if err is None:
+            raise
+        raise SlmforgeError(f"{path}: cannot write the checkpoint ({err.strerror or err}); the previous one is "
+                            f"kept") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-
-
-class _WriteErrors:
-    """A file for torch.save that keeps the OSError of a failed write, which torch.save replaces by a
-    RuntimeError ("unexpected pos") that does not say why."""
-
-    def __init__(self, f) -> None:
-        self.f, self.error = f, None
-
-    def write(self, data) -> int:
-        try:
-            return self.f.write(data)
-        except OSError as e:
-            self.error = e
-            raise
-
-    def flush(self) -> None:
-        self.f.flush()
 
 
 def remove_stale_checkpoint_temps(folder: Path) -> None:
