@@ -26,7 +26,7 @@ from slmforge.errors import SlmforgeError
 _MODE = os.environ.get("SLMFORGE_FUZZ", "")
 LONG = bool(_MODE)
 FACTOR = 25 if _MODE == "long" else int(_MODE) if _MODE.isdigit() else 1
-DEADLINE_S = 20.0  # per example: generous for a loaded 2-core machine, far below "hung"
+DEADLINE_S = 30.0  # per example: generous for a loaded 2-core machine, far below "hung"
 
 
 def fuzz_settings(examples: int) -> settings:
@@ -36,6 +36,20 @@ def fuzz_settings(examples: int) -> settings:
     return settings(max_examples=examples * FACTOR, deadline=None, derandomize=not LONG, database=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                            HealthCheck.data_too_large, HealthCheck.large_base_example])
+
+
+def single_thread() -> Iterator[None]:
+    """For a module-scoped fixture: torch on one thread while the module runs, then as it was. The examples
+    are tiny, and with two threads on two shared cores oneDNN/MKL spin-wait: the decode fast path's first
+    kernel timing (infer/fastpath.py) took 20 s instead of 1 when other work was running."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 class Hang(BaseException):

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from hypothesis import example, given
 from hypothesis import strategies as st
-from input_fuzz import deep, edited, file_bytes, fuzz_settings, read_or_error
+from input_fuzz import deep, edited, file_bytes, fuzz_settings, read_or_error, single_thread
 
 from conftest import run_cli
 from slmforge.recipes import RECIPE_DIR
@@ -63,6 +63,12 @@ stages:
 # A "billion laughs": 9**9 list items from 9 nine-item lists; expanded (by json.dumps, or a walk) it is a hang.
 BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
     f"{c}: &{c} [{', '.join([f'*{p}'] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi", strict=True))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # torch on one thread here: two threads on the two shared cores spin-wait (input_fuzz.single_thread)
+    yield from single_thread()
 
 
 def _loaders():

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
-from input_fuzz import apply_ops, deep, edited, file_bytes, fuzz_settings, junk, read_or_error
+from input_fuzz import apply_ops, deep, edited, file_bytes, fuzz_settings, junk, read_or_error, single_thread
 
 from conftest import small_corpus
 
@@ -26,6 +26,12 @@ JSONL = "".join(json.dumps(r) + "\n" for r in ROWS).encode()
 CSV = ("text,label\n" + "".join(f'"{r["text"]}",{r["label"]}\n' for r in ROWS)).encode()
 TSV = ("text\tlabel\n" + "".join(f'{r["text"]}\t{r["label"]}\n' for r in ROWS)).encode()
 TXT = "\n\n".join(small_corpus(4)).encode()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # torch on one thread here: two threads on the two shared cores spin-wait (input_fuzz.single_thread)
+    yield from single_thread()
 
 
 def _tmp() -> Path:

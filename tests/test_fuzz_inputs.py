@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
-from input_fuzz import edited, file_bytes, fuzz_settings, mutated, read_or_error
+from input_fuzz import edited, file_bytes, fuzz_settings, mutated, read_or_error, single_thread
 
 from conftest import DATA, small_corpus
 
@@ -27,6 +27,12 @@ from conftest import DATA, small_corpus
 
 DIM, HIDDEN, LAYERS, HEADS, KV, SEQ = 8, 16, 1, 2, 1, 16
 PIECES = ["<unk>", "\n<s>\n", "\n</s>\n", *(f"<0x{b:02X}>" for b in range(256)), " ", "a", "b", " a", "ab", " ab"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # torch on one thread here: two threads on the two shared cores spin-wait (input_fuzz.single_thread)
+    yield from single_thread()
 
 
 def llama2c_tokenizer_bin(pieces: list[str] = PIECES) -> bytes:

@@ -16,9 +16,15 @@ from pathlib import Path
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
-from input_fuzz import edited, file_bytes, fuzz_settings, read_or_error
+from input_fuzz import edited, file_bytes, fuzz_settings, read_or_error, single_thread
 
 from conftest import run_cli, save_tiny_llama
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # torch on one thread here: two threads on the two shared cores spin-wait (input_fuzz.single_thread)
+    yield from single_thread()
 
 
 @pytest.fixture(scope="module")
