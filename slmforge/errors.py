@@ -22,6 +22,11 @@ class FieldError(SlmforgeError):
         super().__init__(f"{format_loc(self.loc)}: {msg}")
 
 
+def first_line(e: BaseException) -> str:
+    """An exception's first line for a one-line error, or its type where it has no message (MemoryError)."""
+    return (str(e).splitlines() or [type(e).__name__])[0]
+
+
 def format_loc(loc: tuple) -> str:
     """("stages", 0, "dedup", "threshold") -> "stages[0].dedup.threshold"."""
     out = ""

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from slmforge.errors import SlmforgeError
+from slmforge.errors import SlmforgeError, first_line
 from slmforge.model import LlamaModel
 from slmforge.modeldir import ModelDir, save_model_dir
 from slmforge.tokenizer import Tokenizer
@@ -315,7 +315,7 @@ def merge_lora(model_dir: str | Path, adapter_dir: str | Path, out_dir: str | Pa
     try:
         peft_model = PeftModel.from_pretrained(md.load_model(), str(adapter))
     except (ValueError, RuntimeError, KeyError) as e:
-        raise SlmforgeError(f"{adapter}: does not fit {md.path} ({str(e).splitlines()[0]})") from None
+        raise SlmforgeError(f"{adapter}: does not fit {md.path} ({first_line(e)})") from None
     merged = peft_model.merge_and_unload()
     meta_path = adapter / "slmforge.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}

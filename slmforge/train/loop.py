@@ -57,7 +57,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from slmforge.errors import ConfigError, SlmforgeError, os_error_behind
+from slmforge.errors import ConfigError, SlmforgeError, first_line, os_error_behind
 from slmforge.io import atomic_write_text
 
 Batch = Any  # a tuple/list (or dict) of tensors; the default loss reads (x, y)
@@ -339,7 +339,7 @@ def load_checkpoint(path: Path) -> dict:
         # Our own file; it holds numpy/python RNG states, which weights_only=True rejects.
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
-        raise SlmforgeError(f"{path}: unreadable checkpoint ({str(e).splitlines()[0]}); "
+        raise SlmforgeError(f"{path}: unreadable checkpoint ({first_line(e)}); "
                             f"delete it to start over") from None
 
 
@@ -559,7 +559,7 @@ def _train(model, get_batch, cfg, out, eval_batches, on_eval, loss_fn, resume, d
         try:
             load_train_state(model, optimizer, ck.get("model", {}), ck.get("optimizer", {}), world)
         except (RuntimeError, ValueError, KeyError) as e:
-            raise SlmforgeError(f"{ckpt_path}: does not match this model/optimizer ({str(e).splitlines()[0]}); "
+            raise SlmforgeError(f"{ckpt_path}: does not match this model/optimizer ({first_line(e)}); "
                                 f"use another output folder, or start over without resuming") from None
         ck = ck_meta
         _set_rng_state(ck["rng"])
