@@ -43,9 +43,7 @@ import math
 import os
 import random
 import re
-import signal
 import statistics
-import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
@@ -58,6 +56,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from slmforge.errors import ConfigError, SlmforgeError, first_line, os_error_behind
+from slmforge.interrupt import StopRequest
 from slmforge.io import atomic_write_text
 
 Batch = Any  # a tuple/list (or dict) of tensors; the default loss reads (x, y)
@@ -434,30 +433,6 @@ def _truncate_metrics(path: Path, step: int) -> None:
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
-class _StopRequest:
-    """SIGINT/SIGTERM set a flag; the loop finishes the current step, checkpoints and stops.
-    A second signal raises KeyboardInterrupt at once (the last periodic checkpoint stays valid)."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._prev: dict[int, Any] = {}
-
-    def _handler(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __enter__(self) -> _StopRequest:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._prev[sig] = signal.signal(sig, self._handler)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, h in self._prev.items():
-            signal.signal(sig, h)
-
-
 def keep_freed_memory(limit: int = 2**31 - 1) -> bool:
     """Make glibc malloc serve big blocks from its heap and keep freed memory instead of unmapping it.
 
@@ -734,7 +709,7 @@ def _train(model, get_batch, cfg, out, eval_batches, on_eval, loss_fn, resume, d
     t_start, start_step = time.time(), step
     win_tokens, win_time = 0, 0.0
     model.train()
-    with _StopRequest() as stop, _progress(console, cfg, step) as (bar, task), \
+    with StopRequest() as stop, _progress(console, cfg, step) as (bar, task), \
             open(metrics_path, "a", encoding="utf-8") if master else _null() as mf:
         while step < cfg.max_steps and not stopped_early:
             t0 = time.perf_counter()
@@ -804,7 +779,7 @@ def _train(model, get_batch, cfg, out, eval_batches, on_eval, loss_fn, resume, d
                                       f"{row['tokens_per_s']:,.0f} tok/s")
             bar.update(task, completed=step)
 
-            stopping = stop.requested
+            stopping = bool(stop.requested)  # SIGINT/SIGTERM: finish this step, checkpoint, stop
             if world > 1:  # every rank must agree to stop at the same step, or DDP deadlocks
                 flag = torch.tensor([float(stopping)], device=device)
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX)
