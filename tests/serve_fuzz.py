@@ -1,5 +1,5 @@
 """Fuzzing the server: hypothesis strategies for HTTP requests, good and bad, and the check every answer
-must pass (no 5xx; OpenAI-shaped bodies). Used by tests/test_serve.py and benchmarks/fuzz_serve.py;
+must pass (no 5xx; OpenAI-shaped bodies). Used by tests/test_serve.py, tests/test_guard.py and benchmarks/fuzz_serve.py;
 needs the `hypothesis` test dependency.
 """
 
@@ -88,3 +88,20 @@ def check_response(status: int, content_type: str, body: bytes) -> None:
             assert "error" not in json.loads(e), e
     elif "json" in content_type:
         json.loads(body)
+
+
+def fuzz_client(client, model_names: list[str], vocab_size: int, max_examples: int) -> None:
+    """Send `max_examples` generated requests (the same ones every run) through a TestClient; every answer
+    must pass check_response, and the server must still be healthy afterwards."""
+    from hypothesis import HealthCheck, given, settings
+
+    @settings(max_examples=max_examples, deadline=None, derandomize=True,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(http_requests(model_names, vocab_size))
+    def one(req):
+        method, path, body, ctype = req
+        r = client.request(method, path, content=body, headers={"content-type": ctype})
+        check_response(r.status_code, r.headers.get("content-type", ""), r.content)
+
+    one()
+    assert client.get("/health").json()["status"] == "ok"

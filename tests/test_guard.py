@@ -362,21 +362,9 @@ def test_hostile_inputs_get_4xx_never_500(served):
 
 
 def test_fuzzed_requests_to_a_guarded_server_never_5xx(served):
-    from hypothesis import HealthCheck, given, settings
-    from serve_fuzz import check_response, http_requests
+    from serve_fuzz import fuzz_client
 
-    c = served["client"]
-
-    @settings(max_examples=120, deadline=None, derandomize=True,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-    @given(http_requests(["tiny"], 320))
-    def one(req):
-        method, path, body, ctype = req
-        r = c.request(method, path, content=body, headers={"content-type": ctype})
-        check_response(r.status_code, r.headers.get("content-type", ""), r.content)
-
-    one()
-    assert c.get("/health").json()["status"] == "ok"
+    fuzz_client(served["client"], ["tiny"], 320, max_examples=120)
 
 
 def test_routes_are_guarded(tmp_path, tiny_clf):
