@@ -65,7 +65,7 @@ from slmforge.train.loop import (
     dist_env,
     read_metrics,
     resolve_precision,
-    steps_per_epoch_divisor,
+    sequences_per_step,
     train,
 )
 from slmforge.train.rows import (
@@ -209,7 +209,7 @@ def train_precision(cfg: FinetuneConfig) -> str:
 def train_config(cfg: FinetuneConfig, n_train: int, has_val: bool) -> TrainConfig:
     """The trainer core's settings for this run: steps from max_steps or epochs over n_train examples,
     learning rates from the mode, and the best validation metric kept when there is validation data."""
-    per_step = steps_per_epoch_divisor(cfg.batch_size, cfg.grad_accum, cfg.global_batch_size)
+    per_step = sequences_per_step(cfg.batch_size, cfg.grad_accum, cfg.global_batch_size)
     steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * n_train / per_step))
     lr = cfg.peak_lr
     metric, mode = cfg.best_metric

@@ -237,9 +237,9 @@ def with_world(cfg: TrainConfig, world: int) -> TrainConfig:
     return replace(cfg, grad_accum=cfg.global_batch_size // per_pass)
 
 
-def steps_per_epoch_divisor(cfg_batch: int, grad_accum: int, global_batch_size: int | None) -> int:
-    """Sequences (or examples) one optimizer step consumes, all ranks together."""
-    return global_batch_size or cfg_batch * grad_accum * dist_env()[1]
+def sequences_per_step(batch_size: int, grad_accum: int, global_batch_size: int | None) -> int:
+    """Sequences (or examples) one optimizer step consumes, all ranks together: what an epoch is divided by."""
+    return global_batch_size or batch_size * grad_accum * dist_env()[1]
 
 
 def cpu_has_bf16() -> bool:

@@ -28,7 +28,7 @@ from slmforge.train.loop import (
     dist_env,
     plot_loss_curve,
     resolve_precision,
-    steps_per_epoch_divisor,
+    sequences_per_step,
     train,
 )
 
@@ -80,7 +80,7 @@ class PretrainConfig:
         """The trainer core's settings: max_steps capped by max_epochs over `train_tokens`."""
         steps = self.max_steps
         if self.max_epochs is not None:
-            per_step = steps_per_epoch_divisor(self.batch_size, self.grad_accum, self.global_batch_size) * self.seq_len
+            per_step = sequences_per_step(self.batch_size, self.grad_accum, self.global_batch_size) * self.seq_len
             steps = max(1, min(steps, int(self.max_epochs * train_tokens / per_step)))
         return TrainConfig(
             max_steps=steps, max_minutes=self.max_minutes, batch_size=self.batch_size, grad_accum=self.grad_accum,
