@@ -5,6 +5,7 @@ of Inspec's gold keyphrases a tagger can find in their text."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import subprocess
@@ -109,26 +110,39 @@ def test_bio_tags_from_offsets_are_exact(base_dir):
     assert ft_rows.tag_fields("f:1", rec) == ("Find Red Kite here", ["red kite"])
 
 
-def test_decode_spans_merge_and_fill():
+def test_decode_ranks_spans_by_the_probability_of_tagging_them():
     text = "Neural nets, neural nets and trees. Big data."
     #       tokens: "Neural" " nets" "," " neural" " nets" " and" " trees" "." " Big" " data" "."
     offsets = [(0, 6), (6, 11), (11, 12), (12, 19), (19, 24), (24, 28), (28, 34), (34, 35), (35, 39), (39, 44),
                (44, 45)]
-    out, beg, ins = [0.9, 0.05, 0.05], [0.1, 0.8, 0.1], [0.1, 0.1, 0.8]  # argmax O, B, I
-    probs = torch.tensor([beg, ins, out, beg, [0.3, 0.1, 0.6], out, [0.4, 0.3, 0.3], out, [0.5, 0.3, 0.2], [0.6, 0.1, 0.3],
-                          out])
-    got = decode_keyphrases(text, offsets, probs, top_k=10)
-    # "neural nets" twice (same stems) is one phrase, written as its best-scored occurrence, scored by the
-    # max of the two means of P(B or I) (0.9 and 0.8). Then the fill: the best untagged runs of words within
-    # a clause, not overlapping ("Big data" 0.45 overlaps "Big" 0.5), until the words run out.
-    assert [p for p, _ in got] == ["Neural nets", "trees", "Big", "data", "and"]
-    assert [round(sc, 4) for _, sc in got] == [0.9, 0.6, 0.5, 0.4, 0.1]
-    assert decode_keyphrases(text, offsets, probs, top_k=1) == [got[0]]
-    summed = decode_keyphrases(text, offsets, probs, top_k=2, merge="sum")
-    assert summed == [("Neural nets", pytest.approx(0.9 + 0.8)), ("trees", pytest.approx(0.6))]
-    # A span that starts inside a word is widened to the whole word; edge punctuation is trimmed.
-    kites = decode_keyphrases("Kites, fly", [(0, 2), (2, 5), (5, 6), (6, 10)], torch.tensor([out, ins, ins, out]), top_k=1)
-    assert kites == [("Kites", pytest.approx(0.5))]
+    out, beg, ins = [0.9, 0.05, 0.05], [0.1, 0.8, 0.1], [0.1, 0.1, 0.8]
+    probs = torch.tensor([beg, ins, out, beg, [0.3, 0.1, 0.6], out, [0.4, 0.3, 0.3], out, [0.5, 0.3, 0.2],
+                          [0.6, 0.1, 0.3], out])
+
+    def p(*factors):  # the geometric mean of P(B), P(I)..., P(not I after)
+        return math.exp(sum(math.log(f) for f in factors) / len(factors))
+
+    got = dict(decode_keyphrases(text, offsets, probs, top_k=100))
+    # "neural nets" twice (same stems) is one phrase, written and scored as its best occurrence
+    assert got["Neural nets"] == pytest.approx(p(0.8, 0.8, 0.95))
+    assert "neural nets" not in got
+    assert got["trees"] == pytest.approx(p(0.3, 0.95))
+    assert got["Big data"] == pytest.approx(p(0.3, 0.3, 0.95))
+    # "Neural" then " nets" (P(I) 0.8) and "neural" then " nets" (0.6): one phrase, the second occurrence
+    assert got["neural"] == pytest.approx(p(0.8, 1 - 0.6)) and "Neural" not in got
+    assert got["data"] == pytest.approx(p(0.1, 0.95))
+    # no candidate crosses punctuation, none is longer than max_words
+    assert "nets, neural" not in got and "trees. Big" not in got and "nets neural" not in got
+    assert "neural nets and trees" in got
+    assert "neural nets and trees" not in dict(decode_keyphrases(text, offsets, probs, top_k=100, max_words=3))
+    ranked = decode_keyphrases(text, offsets, probs, top_k=3)
+    assert [ph for ph, _ in ranked] == sorted(got, key=lambda k: -got[k])[:3] and ranked[0][0] == "Neural nets"
+    assert [sc for _, sc in ranked] == sorted((sc for _, sc in ranked), reverse=True)
+    # a span that ends inside a word is widened to the whole word (tokens "Ki" "tes"); edge punctuation never
+    # enters a phrase
+    kites = decode_keyphrases("Kites, fly", [(0, 2), (2, 5), (5, 6), (6, 10)], torch.tensor([beg, ins, out, out]),
+                              top_k=1)
+    assert kites == [("Kites", pytest.approx(p(0.8, 0.8, 0.95)))]
 
 
 # ------------------------------------------------------------------------------------------- training
