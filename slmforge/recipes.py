@@ -55,12 +55,25 @@ EXTRAS = ("hdfs_parse", "deeplog_protocol", "redteam")
 
 @with_config(STRICT)
 @dataclass
+class ExtraText:
+    """Another loader's rows whose text joins the pretraining corpus (not the tokenizer's training text), for a
+    task whose own text is small. A document sharing a 13-word n-gram with a val or test input of the task is
+    dropped."""
+
+    loader: str  # a slmforge.data.tasks loader
+    options: dict = field(default_factory=dict)  # passed to the loader
+    files: list[str] = field(default_factory=lambda: ["train.jsonl", "val.jsonl", "test.jsonl"])
+
+
+@with_config(STRICT)
+@dataclass
 class DataSpec:
     loader: str  # a slmforge.data.tasks loader: sst2, multi30k, ..., support_chat
     options: dict = field(default_factory=dict)  # passed to the loader
     test: str | None = "test.jsonl"  # the evaluation file, relative to the prepared data folder: scored once per variant
     val: str = "val.jsonl"  # the file the variant (and every tuned number) is chosen on
     pretrain_text: list[str] = field(default_factory=lambda: ["train.jsonl"])  # files whose text is the corpus
+    pretrain_extra: list[ExtraText] = field(default_factory=list)  # other task data, pretraining text only
 
 
 @with_config(STRICT)
@@ -100,6 +113,8 @@ class VariantSpec:
     val: str | None = None  # default: the recipe's data.val when the loader wrote it, else val_fraction of train
     predict: PredictSpec | None = None  # None: the recipe's predict section
     note: str = ""
+    # earlier tagger variants whose O/B/I probabilities this variant averages (no finetune; init unused)
+    ensemble: list[str] = field(default_factory=list)
 
 
 @with_config(STRICT)
@@ -186,6 +201,10 @@ def load_recipe(name_or_path: str | Path, overrides: dict | None = None) -> Reci
 
     check(recipe.data.loader in LOADERS, raw["data"], "loader",
           f"unknown loader {recipe.data.loader!r} (one of {', '.join(LOADERS)})")
+    for i, extra in enumerate(recipe.data.pretrain_extra):
+        check(extra.loader in LOADERS, raw["data"]["pretrain_extra"][i], "loader",
+              f"unknown loader {extra.loader!r} (one of {', '.join(LOADERS)})")
+
     def check_predict(p: PredictSpec, m) -> None:
         check(p.mode in MODES, m, "mode", f"one of {', '.join(MODES)}")
         check(p.top_k > 0, m, "top_k", "must be > 0")
@@ -211,7 +230,15 @@ def load_recipe(name_or_path: str | Path, overrides: dict | None = None) -> Reci
     seen: set[str] = set()
     for v, m in zip(recipe.variants, raw.get("variants") or [], strict=True):
         check(v.name not in seen, m, "name", f"duplicate variant name {v.name!r}")
-        if v.init.startswith("variant:"):
+        if v.ensemble:
+            by_name = {x.name: x for x in recipe.variants}
+            check(len(v.ensemble) >= 2 and all(n in seen for n in v.ensemble), m, "ensemble",
+                  "needs 2 or more earlier variants")
+            check(v.finetune is None and all(by_name[n].finetune is not None and by_name[n].finetune.task == "tag"
+                                             for n in v.ensemble), m, "ensemble",
+                  "averages fine-tuned taggers (finetune task tag) and trains nothing itself")
+            check((v.predict or recipe.predict).mode == "extract", m, "ensemble", "needs predict mode extract")
+        elif v.init.startswith("variant:"):
             check(v.init.split(":", 1)[1] in seen, m, "init", f"{v.init!r}: no earlier variant of that name")
         else:
             check(v.init in INITS, m, "init", "scratch, pretrained or variant:<name>")
@@ -256,6 +283,40 @@ def record_text(rec: dict) -> str:
     if isinstance(rec.get("messages"), list):
         return "\n".join(str(m.get("content", "")) for m in rec["messages"] if isinstance(m, dict))
     return ""
+
+
+def _extra_pretrain_text(recipe: Recipe, run: Path, data_dir: str | Path | None, data: Path) -> tuple[list[str], list]:
+    """The texts of recipe.data.pretrain_extra (each loader run into run/extra/), less every document that
+    shares a 13-word n-gram with the task's val or test inputs (GPT-3's contamination test)."""
+    from slmforge.data.tasks import GENERATED, prepare
+    from slmforge.data.tasks.splits import normalize, word_ngrams
+
+    if not recipe.data.pretrain_extra:
+        return [], []
+    held: set[int] = set()
+    for f in (recipe.data.val, recipe.data.test):
+        if f and (data / f).is_file():
+            for _, rec in _records(data / f):
+                held |= word_ngrams(normalize(record_text(rec)).split(), 13)
+    texts, report = [], []
+    for i, spec in enumerate(recipe.data.pretrain_extra):
+        out = run / "extra" / f"{i}-{spec.loader}"
+        if not (out / "stats.json").is_file():
+            prepare(spec.loader, resolve_data_dir(data_dir) if spec.loader not in GENERATED else None, out,
+                    recipe.seed, **spec.options)
+        docs = []
+        for f in spec.files:
+            if not (out / f).is_file():
+                raise SlmforgeError(f"{recipe.path}: field 'data.pretrain_extra[{i}].files': the {spec.loader} "
+                                    f"loader wrote no {f}")
+            docs += [record_text(rec) for _, rec in _records(out / f)]
+        kept = [d for d in docs if d and not word_ngrams(normalize(d).split(), 13) & held]
+        texts += kept
+        report.append({"loader": spec.loader, "files": spec.files, "documents": len(kept),
+                       "dropped_sharing_a_held_out_13gram": len(docs) - len(kept)})
+        console.print(f"  extra pretraining text: {spec.loader} {len(kept):,} documents "
+                      f"({len(docs) - len(kept)} dropped: a 13-gram of a val/test input)")
+    return texts, report
 
 
 def _train_tokenizer(texts: list[str], vocab_size: int, out: Path) -> None:
@@ -331,13 +392,16 @@ def _variant_row(recipe: Recipe, v: VariantSpec, vdir: Path, pre: dict | None, r
     metrics = read_json(vdir / "metrics.json")
     ftj = read_json(vdir / "finetune.json") if (vdir / "finetune.json").is_file() else None
     init_cost = 0.0
-    if v.init == "pretrained" and pre:
+    if v.ensemble:  # pretraining once, then every member's fine-tuning
+        members = [rows[n] for n in v.ensemble]
+        init_cost = max(m["total_train_s"] - m["finetune_s"] for m in members) + sum(m["finetune_s"] for m in members)
+    elif v.init == "pretrained" and pre:
         init_cost = pre.get("train_time_s") or 0.0
     elif v.init.startswith("variant:"):
         init_cost = rows[v.init.split(":", 1)[1]]["total_train_s"]
-    row = {"variant": v.name, "init": v.init, "note": v.note,
+    row = {"variant": v.name, "init": f"ensemble of {' + '.join(v.ensemble)}" if v.ensemble else v.init, "note": v.note,
            "mode": v.finetune.mode if v.finetune else "-",
-           "head": (v.finetune.head if v.finetune.task == "classify" else "tagger" if v.finetune.task == "tag"
+           "head": "tagger" if v.ensemble else (v.finetune.head if v.finetune.task == "classify" else "tagger" if v.finetune.task == "tag"
                     else "-") if v.finetune else "-"}
     if ftj:
         m = ftj["metrics"]
@@ -349,6 +413,8 @@ def _variant_row(recipe: Recipe, v: VariantSpec, vdir: Path, pre: dict | None, r
         from slmforge.modeldir import ModelDir
 
         n = ModelDir.open(vdir / "model").config.n_params if (vdir / "model").exists() else None
+        if v.ensemble:  # every member runs (a LoRA member merged: its adapters are gone)
+            n = sum(ModelDir.open(vdir.parent / m / "model").config.n_params for m in v.ensemble)
         row |= {"params": n, "trainable_params": 0, "finetune_s": 0.0, "steps": 0}
     row["total_train_s"] = round(init_cost + row["finetune_s"], 1)
     row["metric"] = metrics.get(recipe.eval.metric)
@@ -547,9 +613,11 @@ def run_recipe(recipe_path: str | Path | Recipe, out: str | Path | None = None, 
         if _stage(f"in-domain tokenizer ({recipe.model.vocab_size} tokens)", was_done):
             files = recipe.data.pretrain_text
             texts = [record_text(rec) for f in files for _, rec in _records(data / f)]
-            write_json(run / "pretrain_corpus.jsonl.meta", {"files": files, "documents": len(texts)})
-            atomic_write_text(run / "pretrain_corpus.jsonl",
-                              "".join(json.dumps({"text": x}, ensure_ascii=False) + "\n" for x in texts if x))
+            extra, extra_report = _extra_pretrain_text(recipe, run, data_dir, data)
+            write_json(run / "pretrain_corpus.jsonl.meta", {"files": files, "documents": len(texts),
+                                                            "extra": extra_report})
+            atomic_write_text(run / "pretrain_corpus.jsonl", "".join(
+                json.dumps({"text": x}, ensure_ascii=False) + "\n" for x in texts + extra if x))
             _train_tokenizer(texts, recipe.model.vocab_size, run / "tokenizer")
         timed("tokenizer_s", t, was_done)
         if recipe.pretrain:
@@ -570,7 +638,9 @@ def run_recipe(recipe_path: str | Path | Recipe, out: str | Path | None = None, 
     for v in chosen:
         vdir = run / "variants" / v.name
         vdir.mkdir(parents=True, exist_ok=True)
-        if v.init == "scratch":
+        if v.ensemble:
+            init = None
+        elif v.init == "scratch":
             init = _scratch_model(recipe, run)
         elif v.init == "pretrained":
             init = run / "pretrain" / "model"
@@ -580,7 +650,12 @@ def run_recipe(recipe_path: str | Path | Recipe, out: str | Path | None = None, 
                 raise SlmforgeError(f"{recipe.path}: variant {v.name} starts from {v.init}, which has not run "
                                     f"(run it too)")
         t, was_done = time.time(), (vdir / ("finetune.json" if v.finetune else "model")).exists()
-        if v.finetune is None:
+        if v.ensemble:
+            if _stage(f"{v.name}: ensemble of {', '.join(v.ensemble)}", was_done):
+                from slmforge.train.heads import save_tagger_ensemble
+
+                save_tagger_ensemble([run / "variants" / n / "model" for n in v.ensemble], vdir / "model")
+        elif v.finetune is None:
             if not was_done:
                 _copy_dir(init, vdir / "model")
         elif _stage(f"{v.name}: fine-tune ({v.finetune.mode}, from {v.init})", was_done):

@@ -8,9 +8,11 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from slmforge.errors import SlmforgeError
 from slmforge.recipes import find_recipe, load_recipe, run_recipe
+from slmforge.tokenizer import Tokenizer, train_tokenizer
 
 TINY_MODEL = ("model: {preset: 200k, vocab_size: 300, context: 64,\n"
               "        overrides: {num_hidden_layers: 1, hidden_size: 32, intermediate_size: 64}}\n")
@@ -42,6 +44,11 @@ def _inspec_like(root, n=30, seed=0):
             z.writestr(f"Inspec/docsutf8/{i}.txt", f"On {words[0]}\n\tWe study {words[0]} and {words[1]} here.\n")
             z.writestr(f"Inspec/keys/{i}.key", f"{words[0]}\n{words[1]}\nabsent phrase\n")
     return root
+
+
+# a miniature inspec recipe's data, model and pretraining (its variants follow)
+MINI_INSPEC = ("data: {loader: inspec, options: {n_test: 6, n_val: 4}}\n" + TINY_MODEL
+               + "pretrain: {max_minutes: 5, max_steps: 3, batch_size: 4, seq_len: 32}\n")
 
 
 def _recipe(tmp_path, text):
@@ -140,9 +147,7 @@ eval: {{task: summarization, metric: rougeL}}
 def test_mini_keyphrase_recipe_with_a_tagger_variant(tmp_path):
     data = _inspec_like(tmp_path / "shared")
     recipe = _recipe(tmp_path, f"""name: mini-inspec
-data: {{loader: inspec, options: {{n_test: 6, n_val: 4}}}}
-{TINY_MODEL}pretrain: {{max_minutes: 5, max_steps: 3, batch_size: 4, seq_len: 32}}
-variants:
+{MINI_INSPEC}variants:
   - name: scratch
     init: scratch
     finetune: {{task: lm, max_steps: 2, batch_size: 4, seq_len: 48}}
@@ -166,6 +171,76 @@ eval: {{task: keyphrase, metric: macro_f1@5}}
     assert "| pretrained-tagger | pretrained | full | tagger |" in (out / "report.md").read_text()
 
 
+def test_tagger_ensemble_variant_averages_its_members(tmp_path):
+    from slmforge.infer.predict import decode_keyphrases
+    from slmforge.io import read_jsonl
+    from slmforge.train.heads import save_tagger_ensemble, tagger_probs
+    from slmforge.train.rows import tag_text
+
+    data = _inspec_like(tmp_path / "shared")
+    recipe = _recipe(tmp_path, f"""name: mini-ensemble
+{MINI_INSPEC}variants:
+  - {{name: a, init: pretrained, finetune: {{task: tag, max_steps: 3, batch_size: 4, seq_len: 63}}}}
+  - {{name: b, init: scratch, finetune: {{task: tag, max_steps: 2, batch_size: 4, seq_len: 63, lr: 0.01}}}}
+  - {{name: a+b, ensemble: [a, b]}}
+predict: {{mode: extract, top_k: 4}}
+eval: {{task: keyphrase, metric: macro_f1@5}}
+""")
+    out = tmp_path / "run"
+    report = run_recipe(recipe, out, data)
+    a, b, ab = report["variants"]
+    from slmforge.modeldir import ModelDir
+    lm_params = ModelDir.open(out / "variants/a/model").config.n_params
+    assert ab["init"] == "ensemble of a + b" and ab["params"] == 2 * lm_params
+    assert ab["total_train_s"] == pytest.approx(a["total_train_s"] + b["finetune_s"], abs=0.2)
+    model = out / "variants/a+b/model"
+    meta = json.loads((model / "slmforge.json").read_text())
+    assert meta["ensemble"] == ["ensemble/1"] and (model / "ensemble/1/tagger_head.safetensors").is_file()
+    # its predictions are the ranking of the members' mean probabilities
+    rows = list(read_jsonl(out / "data/test.jsonl"))
+    texts = [tag_text("t", r) for r in rows]
+    pa, pb = (tagger_probs(out / f"variants/{n}/model", texts) for n in ("a", "b"))
+    assert not torch.allclose(pa[0][1], pb[0][1])
+    want = ["; ".join(ph for ph, _ in decode_keyphrases(t, oa, (p + q) / 2, 4))
+            for t, (oa, p), (_, q) in zip(texts, pa, pb, strict=True)]
+    got = [r["prediction"] for r in read_jsonl(out / "variants/a+b/predictions.jsonl")]
+    assert got == want
+    # members must be taggers, not ensembles themselves
+    with pytest.raises(SlmforgeError, match="is an ensemble already"):
+        save_tagger_ensemble([model, out / "variants/a/model"], tmp_path / "e2")
+    with pytest.raises(SlmforgeError, match="no 'tagger' entry"):
+        save_tagger_ensemble([out / "variants/a/model", out / "pretrain/model"], tmp_path / "e3")
+
+
+def test_extra_pretraining_text_joins_the_corpus_not_the_tokenizer_and_is_decontaminated(tmp_path):
+    data = _sst2_like(_inspec_like(tmp_path / "shared"))
+    recipe = _recipe(tmp_path, f"""name: mini-extra
+data:
+  loader: inspec
+  options: {{n_test: 6, n_val: 4}}
+  pretrain_extra:
+    - {{loader: sst2, options: {{n_test: 10, n_val: 10}}, files: [train.jsonl]}}
+    - {{loader: inspec, options: {{n_test: 6, n_val: 4}}, files: [test.jsonl, val.jsonl]}}
+{TINY_MODEL}pretrain: {{max_minutes: 5, max_steps: 2, batch_size: 4, seq_len: 32}}
+""")
+    out = tmp_path / "run"
+    run_recipe(recipe, out, data)
+    meta = json.loads((out / "pretrain_corpus.jsonl.meta").read_text())
+    sst2_train = len((out / "extra/0-sst2/train.jsonl").read_text().splitlines())
+    assert meta["documents"] == 20 and sst2_train == 40
+    # the same loader's own val and test rows share 13-grams with the held-out inputs: every one is dropped
+    assert meta["extra"] == [
+        {"loader": "sst2", "files": ["train.jsonl"], "documents": 40, "dropped_sharing_a_held_out_13gram": 0},
+        {"loader": "inspec", "files": ["test.jsonl", "val.jsonl"], "documents": 0,
+         "dropped_sharing_a_held_out_13gram": 10}]
+    corpus = [json.loads(x)["text"] for x in (out / "pretrain_corpus.jsonl").read_text().splitlines()]
+    assert len(corpus) == 60 and sum("film number" in t for t in corpus) == 40
+    # the tokenizer is the task's, trained on its 20 training documents only
+    tok, text = Tokenizer.from_dir(out / "tokenizer"), "\n".join(corpus)
+    assert tok.encode(text) == train_tokenizer(corpus[:20], 300).encode(text)
+    assert tok.encode(text) != train_tokenizer(corpus, 300).encode(text)
+
+
 @pytest.mark.parametrize("text, message", [
     ("name: x\ndata: {loader: sst2\n", r"mini.yaml:\d: invalid YAML"),
     ("name: x\ndata: {loader: sst2}\nvariants: []\npredict: {mode: classify}\neval: {task: classification,"
@@ -175,6 +250,12 @@ eval: {{task: keyphrase, metric: macro_f1@5}}
      r"mini.yaml:6: field 'variants\[0\].finetune.max_minutes': input should be a valid number, got \"fast\""),
     ("name: x\ndata: {loader: nope}\nvariants: [{name: a, init: scratch}]\npredict: {mode: classify}\n"
      "eval: {task: classification, metric: accuracy}\n", r"mini.yaml:2: field 'loader': unknown loader 'nope'"),
+    ("name: x\ndata:\n  loader: sst2\n  pretrain_extra:\n    - {loader: sst2}\n    - {loader: nope}\n"
+     "variants: [{name: a, init: scratch}]\npredict: {mode: classify}\neval: {task: classification, metric: accuracy}\n",
+     r"mini.yaml:6: field 'loader': unknown loader 'nope'"),
+    ("name: x\ndata: {loader: inspec}\n" + TINY_MODEL + "variants:\n  - name: a\n    init: scratch\n"
+     "    finetune: {task: tag}\n  - {name: b, ensemble: [a]}\npredict: {mode: extract}\n"
+     "eval: {task: keyphrase, metric: macro_f1@5}\n", r"mini.yaml:9: field 'ensemble': needs 2 or more"),
     ("name: x\ndata: {loader: sst2}\n" + TINY_MODEL + "variants:\n  - {name: a, init: scratch}\n"
      "  - {name: b, init: 'variant:zzz'}\npredict: {mode: classify}\neval: {task: classification, metric: accuracy}\n",
      r"mini.yaml:7: field 'init': 'variant:zzz': no earlier variant"),

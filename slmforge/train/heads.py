@@ -260,6 +260,56 @@ def load_tagger(model_dir: str | Path) -> tuple[TokenTagger, Tokenizer, dict]:
     return model.eval(), md.load_tokenizer(), info
 
 
+ENSEMBLE_DIR = "ensemble"  # a tagger ensemble's other members: ensemble/1, ensemble/2, ...
+
+
+def save_tagger_ensemble(members: list[str | Path], out: str | Path) -> Path:
+    """One model directory whose taggers' O/B/I probabilities are averaged (`predict --task extract`): the
+    first member's files, the others under ensemble/<i>/, listed in slmforge.json's "ensemble". The members
+    must be taggers with one tokenizer and one seq_len (so their tokens line up); written atomically."""
+    import shutil
+
+    from slmforge.io import write_dir_atomically, write_json
+
+    if len(members) < 2:
+        raise SlmforgeError(f"an ensemble needs at least 2 taggers, got {len(members)}")
+    first = ModelDir.open(members[0])
+    for m in members:
+        md = ModelDir.open(m)
+        info = md.meta.get("tagger")
+        if not info:
+            raise SlmforgeError(f"{md.path / 'slmforge.json'}: no 'tagger' entry (an ensemble averages taggers)")
+        if md.meta.get("ensemble"):
+            raise SlmforgeError(f"{md.path}: is an ensemble already (give its members)")
+        if md.load_tokenizer().fingerprint() != first.load_tokenizer().fingerprint() \
+                or info["seq_len"] != first.meta["tagger"]["seq_len"]:
+            raise SlmforgeError(f"{md.path}: its tokenizer or seq_len differs from {first.path}'s")
+
+    def fill(tmp: Path) -> None:
+        shutil.copytree(first.path, tmp, dirs_exist_ok=True)
+        for i, m in enumerate(members[1:], 1):
+            shutil.copytree(m, tmp / ENSEMBLE_DIR / str(i))
+        write_json(tmp / "slmforge.json", first.meta | {
+            "ensemble": [f"{ENSEMBLE_DIR}/{i}" for i in range(1, len(members))],
+            "ensemble_of": [str(m) for m in members]})
+
+    return write_dir_atomically(out, fill)
+
+
+@torch.no_grad()
+def tagger_probs(model_dir: str | Path, texts: list[str],
+                 batch_size: int = 16) -> list[tuple[list[tuple[int, int]], torch.Tensor]]:
+    """tag_probs of a tagger directory, or the mean over an ensemble's members (save_tagger_ensemble)."""
+    md = ModelDir.open(model_dir)
+    out = None
+    members = [md.path, *(md.path / rel for rel in md.meta.get("ensemble", []))]
+    for m in members:
+        model, tok, info = load_tagger(m)
+        probs = tag_probs(model, tok, texts, info["seq_len"], batch_size)
+        out = probs if out is None else [(o, p + q) for (o, p), (_, q) in zip(out, probs, strict=True)]
+    return [(o, p / len(members)) for o, p in out]
+
+
 def load_classifier(model_dir: str | Path) -> tuple[nn.Module, Tokenizer, dict]:
     """A fine-tuned classification model directory: (model, tokenizer, its slmforge.json 'classifier' entry).
     With head "classifier" the model is a SequenceClassifier with the saved head."""

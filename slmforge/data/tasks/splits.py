@@ -117,7 +117,8 @@ def normalize(text: str) -> str:
     return " ".join(text.lower().split())
 
 
-def _word_ngrams(words: list[str], n: int) -> set[int]:
+def word_ngrams(words: list[str], n: int) -> set[int]:
+    """The hashes of every run of n words."""
     return {hash(tuple(words[i:i + n])) for i in range(len(words) - n + 1)}
 
 
@@ -143,10 +144,10 @@ def overlap_report(train: Sequence[str], held: Sequence[str], n: int = 13) -> di
             held_spans.add(h)
     train_grams: set[int] = set()
     for t in train_norm:
-        train_grams |= _word_ngrams(t.split(), n)
+        train_grams |= word_ngrams(t.split(), n)
     shares = []
     for h in held_norm:
-        grams = _word_ngrams(h.split(), n)
+        grams = word_ngrams(h.split(), n)
         if grams:
             shares.append(len(grams & train_grams) / len(grams))
     return {"held": len(held), "train": len(train), "exact": sum(h in train_set for h in held_norm),
