@@ -29,10 +29,11 @@ app.add_typer(data_app, name="data")
 app.command()(synth)
 
 from slmforge.cli_tasks import eval_task, predict, run, task_data  # noqa: E402 - task data, predict, recipes
-from slmforge.cli_train import finetune, import_hf_cmd, merge_lora_cmd  # noqa: E402 - fine-tuning and conversion
+from slmforge.cli_train import ensemble_cmd, finetune, import_hf_cmd, merge_lora_cmd  # noqa: E402 - fine-tuning and conversion
 
 app.command()(finetune)
 app.command("merge-lora")(merge_lora_cmd)
+app.command("ensemble")(ensemble_cmd)
 import_app.command("hf")(import_hf_cmd)
 app.command("task-data")(task_data)
 app.command()(predict)

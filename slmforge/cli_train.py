@@ -65,3 +65,13 @@ def merge_lora_cmd(
     if not adapter_dir.is_dir():
         raise SlmforgeError(f"{adapter_dir}: no such adapter directory")
     typer.echo(f"wrote {merge_lora(model_dir, adapter_dir, out_dir, dtype=dtype)}")
+
+
+def ensemble_cmd(
+    members: Annotated[list[Path], typer.Argument(help="Two or more fine-tuned tagger directories (finetune --task tag).")],
+    out: Annotated[Path, typer.Option(help="The ensemble model directory to write.")],
+) -> None:
+    """One model directory whose taggers' O/B/I probabilities `predict --task extract` averages."""
+    from slmforge.train.heads import save_tagger_ensemble
+
+    typer.echo(f"wrote {save_tagger_ensemble(members, out)} · {len(members)} taggers")

@@ -205,6 +205,15 @@ eval: {{task: keyphrase, metric: macro_f1@5}}
             for t, (oa, p), (_, q) in zip(texts, pa, pb, strict=True)]
     got = [r["prediction"] for r in read_jsonl(out / "variants/a+b/predictions.jsonl")]
     assert got == want
+    # the same directory from the CLI, and an error is one line
+    from typer.testing import CliRunner
+
+    from slmforge.cli import app
+    res = CliRunner().invoke(app, ["ensemble", str(out / "variants/a/model"), str(out / "variants/b/model"),
+                                   "--out", str(tmp_path / "e1")])
+    assert res.exit_code == 0 and json.loads((tmp_path / "e1/slmforge.json").read_text())["ensemble"] == ["ensemble/1"]
+    res = CliRunner().invoke(app, ["ensemble", str(out / "variants/a/model"), "--out", str(tmp_path / "e0")])
+    assert "at least 2 taggers" in str(res.exception) and not (tmp_path / "e0").exists()
     # members must be taggers, not ensembles themselves
     with pytest.raises(SlmforgeError, match="is an ensemble already"):
         save_tagger_ensemble([model, out / "variants/a/model"], tmp_path / "e2")
