@@ -285,10 +285,16 @@ def record_text(rec: dict) -> str:
     return ""
 
 
+def _run_loader(loader: str, options: dict, data_dir: str | Path | None, out: Path, seed: int) -> dict:
+    """A task data loader into out, reading the source data folder unless the loader makes its own data."""
+    from slmforge.data.tasks import GENERATED, prepare
+
+    return prepare(loader, resolve_data_dir(data_dir) if loader not in GENERATED else None, out, seed, **options)
+
+
 def _extra_pretrain_text(recipe: Recipe, run: Path, data_dir: str | Path | None, data: Path) -> tuple[list[str], list]:
     """The texts of recipe.data.pretrain_extra (each loader run into run/extra/), less every document that
     shares a 13-word n-gram with the task's val or test inputs (GPT-3's contamination test)."""
-    from slmforge.data.tasks import GENERATED, prepare
     from slmforge.data.tasks.splits import normalize, word_ngrams
 
     if not recipe.data.pretrain_extra:
@@ -302,8 +308,7 @@ def _extra_pretrain_text(recipe: Recipe, run: Path, data_dir: str | Path | None,
     for i, spec in enumerate(recipe.data.pretrain_extra):
         out = run / "extra" / f"{i}-{spec.loader}"
         if not (out / "stats.json").is_file():
-            prepare(spec.loader, resolve_data_dir(data_dir) if spec.loader not in GENERATED else None, out,
-                    recipe.seed, **spec.options)
+            _run_loader(spec.loader, spec.options, data_dir, out, recipe.seed)
         docs = []
         for f in spec.files:
             if not (out / f).is_file():
@@ -399,10 +404,14 @@ def _variant_row(recipe: Recipe, v: VariantSpec, vdir: Path, pre: dict | None, r
         init_cost = pre.get("train_time_s") or 0.0
     elif v.init.startswith("variant:"):
         init_cost = rows[v.init.split(":", 1)[1]]["total_train_s"]
-    row = {"variant": v.name, "init": f"ensemble of {' + '.join(v.ensemble)}" if v.ensemble else v.init, "note": v.note,
-           "mode": v.finetune.mode if v.finetune else "-",
-           "head": "tagger" if v.ensemble else (v.finetune.head if v.finetune.task == "classify" else "tagger" if v.finetune.task == "tag"
-                    else "-") if v.finetune else "-"}
+    if v.ensemble:
+        head = "tagger"
+    elif v.finetune:
+        head = {"classify": v.finetune.head, "tag": "tagger"}.get(v.finetune.task, "-")
+    else:
+        head = "-"
+    row = {"variant": v.name, "init": f"ensemble of {' + '.join(v.ensemble)}" if v.ensemble else v.init,
+           "note": v.note, "mode": v.finetune.mode if v.finetune else "-", "head": head}
     if ftj:
         m = ftj["metrics"]
         row |= {"params": m["total_params"], "trainable_params": m["trainable_params"],
@@ -412,9 +421,10 @@ def _variant_row(recipe: Recipe, v: VariantSpec, vdir: Path, pre: dict | None, r
     else:
         from slmforge.modeldir import ModelDir
 
-        n = ModelDir.open(vdir / "model").config.n_params if (vdir / "model").exists() else None
         if v.ensemble:  # every member runs (a LoRA member merged: its adapters are gone)
             n = sum(ModelDir.open(vdir.parent / m / "model").config.n_params for m in v.ensemble)
+        else:
+            n = ModelDir.open(vdir / "model").config.n_params if (vdir / "model").exists() else None
         row |= {"params": n, "trainable_params": 0, "finetune_s": 0.0, "steps": 0}
     row["total_train_s"] = round(init_cost + row["finetune_s"], 1)
     row["metric"] = metrics.get(recipe.eval.metric)
@@ -565,7 +575,6 @@ def run_recipe(recipe_path: str | Path | Recipe, out: str | Path | None = None, 
                minutes_scale: float = 1.0, variants: list[str] | None = None) -> dict:
     """Run (or resume) a recipe (a file, a bundled name, or a loaded Recipe); returns the report (also
     out/report.json and out/report.md)."""
-    from slmforge.data.tasks import GENERATED, prepare
     from slmforge.evaluate.tasks import evaluate_predictions
     from slmforge.infer.predict import predict_file
 
@@ -594,8 +603,7 @@ def run_recipe(recipe_path: str | Path | Recipe, out: str | Path | None = None, 
 
     t, was_done = time.time(), (run / "data.json").is_file()
     if _stage(f"task data ({recipe.data.loader})", was_done):
-        source = resolve_data_dir(data_dir) if recipe.data.loader not in GENERATED else None
-        stats = prepare(recipe.data.loader, source, data, recipe.seed, **recipe.data.options)
+        stats = _run_loader(recipe.data.loader, recipe.data.options, data_dir, data, recipe.seed)
         write_json(run / "data.json", stats)
     data_stats = read_json(run / "data.json")
     test_path = data / recipe.data.test if recipe.data.test else None

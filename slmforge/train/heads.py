@@ -273,16 +273,16 @@ def save_tagger_ensemble(members: list[str | Path], out: str | Path) -> Path:
 
     if len(members) < 2:
         raise SlmforgeError(f"an ensemble needs at least 2 taggers, got {len(members)}")
-    first = ModelDir.open(members[0])
-    for m in members:
-        md = ModelDir.open(m)
+    dirs = [ModelDir.open(m) for m in members]
+    first, shapes = dirs[0], []  # each member's (tokenizer fingerprint, seq_len): all must be the first's
+    for md in dirs:
         info = md.meta.get("tagger")
         if not info:
             raise SlmforgeError(f"{md.path / 'slmforge.json'}: no 'tagger' entry (an ensemble averages taggers)")
         if md.meta.get("ensemble"):
             raise SlmforgeError(f"{md.path}: is an ensemble already (give its members)")
-        if md.load_tokenizer().fingerprint() != first.load_tokenizer().fingerprint() \
-                or info["seq_len"] != first.meta["tagger"]["seq_len"]:
+        shapes.append((md.load_tokenizer().fingerprint(), info["seq_len"]))
+        if shapes[-1] != shapes[0]:
             raise SlmforgeError(f"{md.path}: its tokenizer or seq_len differs from {first.path}'s")
 
     def fill(tmp: Path) -> None:
