@@ -24,7 +24,8 @@ def _options(pairs: list[str] | None) -> dict:
 
 def task_data(
     name: Annotated[str, typer.Argument(help="sst2, multi30k, wmt_biomed, translation_domain, pubmedqa, hdfs, "
-                                             "inspec or dialogsum.")],
+                                             "inspec, dialogsum, or text (a corpus as pretraining rows: "
+                                             "--option 'files=[tinyshakespeare/input.txt]').")],
     out: Annotated[Path, typer.Option(help="Folder to write train/val/test JSONL and stats.json into.")],
     data: Annotated[Path | None, typer.Option(help="The source data folder (default $SLMFORGE_DATA, else ../shared/data).")] = None,
     seed: Annotated[int, typer.Option(help="Split seed.")] = 0,

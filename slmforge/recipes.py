@@ -62,7 +62,7 @@ class ExtraText:
 
     loader: str  # a slmforge.data.tasks loader
     options: dict = field(default_factory=dict)  # passed to the loader
-    files: list[str] = field(default_factory=lambda: ["train.jsonl", "val.jsonl", "test.jsonl"])
+    files: list[str] = field(default_factory=list)  # the loader's files to read; empty: every split it wrote
 
 
 @with_config(STRICT)
@@ -309,15 +309,15 @@ def _extra_pretrain_text(recipe: Recipe, run: Path, data_dir: str | Path | None,
         out = run / "extra" / f"{i}-{spec.loader}"
         if not (out / "stats.json").is_file():
             _run_loader(spec.loader, spec.options, data_dir, out, recipe.seed)
-        docs = []
-        for f in spec.files:
+        docs, files = [], spec.files or [f for f in ("train.jsonl", "val.jsonl", "test.jsonl") if (out / f).is_file()]
+        for f in files:
             if not (out / f).is_file():
                 raise SlmforgeError(f"{recipe.path}: field 'data.pretrain_extra[{i}].files': the {spec.loader} "
                                     f"loader wrote no {f}")
             docs += [record_text(rec) for _, rec in _records(out / f)]
         kept = [d for d in docs if d and not word_ngrams(normalize(d).split(), 13) & held]
         texts += kept
-        report.append({"loader": spec.loader, "files": spec.files, "documents": len(kept),
+        report.append({"loader": spec.loader, "files": files, "documents": len(kept),
                        "dropped_sharing_a_held_out_13gram": len(docs) - len(kept)})
         console.print(f"  extra pretraining text: {spec.loader} {len(kept):,} documents "
                       f"({len(docs) - len(kept)} dropped: a 13-gram of a val/test input)")

@@ -230,8 +230,10 @@ data:
   pretrain_extra:
     - {{loader: sst2, options: {{n_test: 10, n_val: 10}}, files: [train.jsonl]}}
     - {{loader: inspec, options: {{n_test: 6, n_val: 4}}, files: [test.jsonl, val.jsonl]}}
+    - {{loader: text, options: {{files: [notes.txt]}}}}
 {TINY_MODEL}pretrain: {{max_minutes: 5, max_steps: 2, batch_size: 4, seq_len: 32}}
 """)
+    (data / "notes.txt").write_text("A plain note.\n\nAnother plain note.\n", encoding="utf-8")
     out = tmp_path / "run"
     run_recipe(recipe, out, data)
     meta = json.loads((out / "pretrain_corpus.jsonl.meta").read_text())
@@ -241,9 +243,12 @@ data:
     assert meta["extra"] == [
         {"loader": "sst2", "files": ["train.jsonl"], "documents": 40, "dropped_sharing_a_held_out_13gram": 0},
         {"loader": "inspec", "files": ["test.jsonl", "val.jsonl"], "documents": 0,
-         "dropped_sharing_a_held_out_13gram": 10}]
+         "dropped_sharing_a_held_out_13gram": 10},
+        # no files given: every split the loader wrote (the text loader writes train only)
+        {"loader": "text", "files": ["train.jsonl"], "documents": 2, "dropped_sharing_a_held_out_13gram": 0}]
     corpus = [json.loads(x)["text"] for x in (out / "pretrain_corpus.jsonl").read_text().splitlines()]
-    assert len(corpus) == 60 and sum("film number" in t for t in corpus) == 40
+    assert len(corpus) == 62 and sum("film number" in t for t in corpus) == 40
+    assert corpus[-2:] == ["A plain note.", "Another plain note."]
     # the tokenizer is the task's, trained on its 20 training documents only
     tok, text = Tokenizer.from_dir(out / "tokenizer"), "\n".join(corpus)
     assert tok.encode(text) == train_tokenizer(corpus[:20], 300).encode(text)

@@ -342,3 +342,29 @@ def test_overlap_report_counts_exact_contained_and_ngrams():
     assert o["exact"] == 1 and o["contained"] == 3 and o["contained_5plus_words"] == 0
     assert o["train_inside_held"] == 1  # "a dog ran"
     assert o["13gram_inputs"] == 1 and o["with_13gram_overlap"] == 1 and o["mean_13gram_share"] == 0.5
+
+
+def test_text_loader_reads_corpora_as_pretraining_rows(tmp_path):
+    src = tmp_path / "src"
+    (src / "plays").mkdir(parents=True)
+    (src / "plays/a.txt").write_text("First:\nSpeak.\n\nSecond:\nNo.\n\n\n", encoding="utf-8")
+    with gzip.open(src / "captions.en.gz", "wt", encoding="utf-8") as f:
+        f.write("A dog runs.\nTwo men talk.\n")
+    (src / "q.csv").write_text('prompt,right\n"What is 2+2?\nA. 4",True\n', encoding="utf-8")
+    stats = prepare("text", src, tmp_path / "a", files=["plays/a.txt"])
+    assert stats["documents"] == 2 and stats["counts"] == {"train": 2}
+    assert _rows(tmp_path / "a/train.jsonl") == [{"id": "text-0", "text": "First:\nSpeak."},
+                                                 {"id": "text-1", "text": "Second:\nNo."}]
+    prepare("text", src, tmp_path / "b", files=["captions.en.gz", "plays"], split="line", max_docs=3)
+    assert [r["text"] for r in _rows(tmp_path / "b/train.jsonl")] == ["A dog runs.", "Two men talk.", "First:"]
+    prepare("text", src, tmp_path / "c", files=["q.csv"], text_field="prompt")
+    assert [r["text"] for r in _rows(tmp_path / "c/train.jsonl")] == ["What is 2+2?\nA. 4"]
+    assert not (tmp_path / "c/val.jsonl").exists() and not (tmp_path / "c/test.jsonl").exists()
+    with pytest.raises(SlmforgeError, match="option files must be a list"):
+        prepare("text", src, tmp_path / "d", files="plays/a.txt")
+    with pytest.raises(SlmforgeError, match=r"nope.txt: missing"):
+        prepare("text", src, tmp_path / "d", files=["nope.txt"])
+    (src / "empty.txt").write_text("\n\n", encoding="utf-8")
+    with pytest.raises(SlmforgeError, match="no text in"):
+        prepare("text", src, tmp_path / "d", files=["empty.txt"])
+    assert not (tmp_path / "d").exists()

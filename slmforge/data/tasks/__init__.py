@@ -53,6 +53,7 @@ from slmforge.data.tasks.splits import (
 from slmforge.data.tasks.sst2 import prepare_sst2
 from slmforge.data.tasks.stories import prepare_stories
 from slmforge.data.tasks.support_chat import prepare_support_chat, prepare_support_chat_safety
+from slmforge.data.tasks.text import prepare_text
 from slmforge.data.tasks.translation import (
     prepare_multi30k,
     prepare_translation_domain,
@@ -66,7 +67,7 @@ __all__ = ["DIALOGSUM_TEMPLATE", "FORMATS", "INSPEC_TEMPLATE", "LOADERS", "PUBME
            "describe_overlap", "drop_held", "hdfs_parse_agreement", "hdfs_sessions_from_log", "hdfs_template",
            "holdout", "normalize", "overlap_of", "overlap_report", "parse_hdfs_lines", "prepare", "prepare_dialogsum",
            "prepare_hdfs", "prepare_inspec", "prepare_multi30k", "prepare_pubmedqa", "prepare_sst2", "prepare_stories",
-           "prepare_support_chat", "prepare_support_chat_safety", "prepare_translation_domain", "prepare_wmt_biomed", "read_inspec",
+           "prepare_support_chat", "prepare_support_chat_safety", "prepare_text", "prepare_translation_domain", "prepare_wmt_biomed", "read_inspec",
            "read_loghub_csv", "read_medline_docs", "read_samsum", "resolve_data_dir", "translation_prompt",
            "write_splits"]
 
@@ -75,7 +76,7 @@ LOADERS: dict[str, Callable[..., dict]] = {
     "translation_domain": prepare_translation_domain, "pubmedqa": prepare_pubmedqa, "hdfs": prepare_hdfs,
     "inspec": prepare_inspec, "dialogsum": prepare_dialogsum, "support_chat": prepare_support_chat,
     "support_chat_safety": prepare_support_chat_safety,
-    "stories": prepare_stories,
+    "stories": prepare_stories, "text": prepare_text,
 }
 GENERATED = ("support_chat", "stories")  # loaders that make their data: they read no data folder
 
