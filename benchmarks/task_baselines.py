@@ -6,7 +6,11 @@ options) of slmforge/recipes/<recipe>.yaml go to `slmforge.data.tasks.prepare` i
 folder, and every baseline is scored with `evaluate_predictions` (the scorer `slmforge eval-task` and the
 recipes use) on test.jsonl, and on val.jsonl when the loader writes one.
 
-    dialogsum   lead-3: the first three turns of the dialogue as the summary (and lead-1, lead-2); ROUGE-1/2/L
+    dialogsum   lead-3: the first three turns of the dialogue as the summary (and lead-1, lead-2); and one
+                constant summary for every dialogue (the floor of a model that ignores its input): of the
+                200 shortest DialogSum training summaries, the one with the best mean ROUGE-L against 150
+                other training summaries (seeded), chosen on train only; and the extractive ceiling: turns
+                added greedily while they raise ROUGE-L against the reference (it reads the answer); ROUGE-1/2/L
     pubmedqa    majority class of train; guessing at the training-label frequencies: accuracy and macro-F1,
     sst2        analytically (expected counts) and as the mean (and sd) of --draws seeded draws
                 and a bag-of-words classifier: TF-IDF of word 1-2-grams + logistic regression (scikit-learn),
@@ -22,7 +26,7 @@ recipes use) on test.jsonl, and on val.jsonl when the loader writes one.
     python benchmarks/task_baselines.py                    # all five, --data ../shared/data
     python benchmarks/task_baselines.py --tasks sst2 hdfs --draws 200
 
-Results go to benchmarks/results/task_baselines.json.
+Results go to benchmarks/results/task_baselines.json (the tasks run replace their entries; others are kept).
 """
 
 from __future__ import annotations
@@ -84,11 +88,48 @@ def lead_k(dialogue: str, k: int) -> str:
     return " ".join(turns[:k])
 
 
-def summarization_baselines(rows: list[dict]) -> dict:
+def constant_summary(train: list[dict], n_candidates: int = 200, n_refs: int = 150, seed: int = 0) -> str:
+    """The summary that, said of every dialogue, scores best on training summaries: the floor that
+    speaker tags and stock phrases ("#Person1# asks #Person2# ...") give ROUGE without reading the input."""
+    from rouge_score import rouge_scorer
+
+    # DialogSum's own summaries only: SAMSum's (in train too) use names, not #Person1#
+    own = [r["completion"].strip() for r in train if r["id"].startswith("dialogsum")]
+    refs = random.Random(seed).sample(own, min(n_refs, len(own)))
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    candidates = sorted(set(own), key=lambda s: (len(s), s))[:n_candidates]
+    return max(candidates, key=lambda c: sum(scorer.score(x, c)["rougeL"].fmeasure for x in refs if x != c))
+
+
+def oracle_turns(dialogue: str, reference: str) -> str:
+    """The extractive ceiling (as SummaRuNNer's labels): add the turn that raises ROUGE-L against the reference
+    most, in dialogue order, until none does."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    turns = [t.strip() for t in dialogue.split("\n") if t.strip()]
+    chosen: list[int] = []
+    best = 0.0
+    while True:
+        gains = {i: scorer.score(reference, " ".join(turns[j] for j in sorted([*chosen, i])))["rougeL"].fmeasure
+                 for i in range(len(turns)) if i not in chosen}
+        i = max(gains, key=gains.get, default=None)
+        if i is None or gains[i] <= best:
+            return " ".join(turns[j] for j in sorted(chosen))
+        chosen.append(i)
+        best = gains[i]
+
+
+def summarization_baselines(rows: list[dict], constant: str) -> dict:
     out = {}
     for k in (1, 2, 3):
         r = evaluate_predictions("summarization", preds(rows, [lead_k(dialogue_of(x), k) for x in rows]), rows)
         out[f"lead_{k}"] = {m: round(r[m], 2) for m in ("rouge1", "rouge2", "rougeL")} | {"n": r["n"]}
+    r = evaluate_predictions("summarization", preds(rows, [constant] * len(rows)), rows)
+    out["constant"] = {m: round(r[m], 2) for m in ("rouge1", "rouge2", "rougeL")} | {"n": r["n"], "summary": constant}
+    r = evaluate_predictions("summarization", preds(rows, [oracle_turns(dialogue_of(x), x["completion"].strip())
+                                                           for x in rows]), rows)
+    out["oracle_turns"] = {m: round(r[m], 2) for m in ("rouge1", "rouge2", "rougeL")} | {"n": r["n"]}
     return out
 
 
@@ -203,9 +244,10 @@ def task_baselines(name: str, data_dir: Path, draws: int) -> dict:
     out["rows"] = {"train": len(train)} | {s: len(r) for s, r in held.items()}
     if "overlap" in stats:
         out["overlap"] = stats["overlap"]
+    constant = constant_summary(train, seed=spec["seed"]) if name == "dialogsum" else ""
     for split, rows in held.items():
         if name == "dialogsum":
-            out[split] = summarization_baselines(rows)
+            out[split] = summarization_baselines(rows, constant)
         elif name == "hdfs":
             out[split] = anomaly_baselines(rows, train)
         elif name == "inspec":
@@ -238,9 +280,13 @@ def main() -> None:
             if split in results[name]:
                 print(f"  {split}: {json.dumps(results[name][split])}")
 
-    out = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
-           "args": {k: str(v) for k, v in vars(args).items()}, "tasks": results,
-           "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    # a run of some tasks replaces their entries and keeps the others'; "runs" keeps each run's arguments
+    old = json.loads(args.json.read_text()) if args.json.is_file() else {}
+    created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    run_args = {k: str(v) for k, v in vars(args).items()}
+    out = old | {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+           "args": run_args, "tasks": old.get("tasks", {}) | results, "created": created,
+           "runs": old.get("runs", {}) | {f"{', '.join(results)} ({created[:10]})": run_args}}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {args.json}")
