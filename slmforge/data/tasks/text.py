@@ -14,16 +14,15 @@ def prepare_text(data_dir: str | Path, out_dir: str | Path, seed: int = 0, files
     """Every document of `files` (paths under the data folder) as train.jsonl, in file order; split: a
     document per "paragraph" (blank-line separated), "line" or "file" of a text file. max_docs: the first
     max_docs documents only (0 for all). No val or test: this is pretraining text."""
-    from slmforge.data.ingest import IngestStats, iter_documents
+    from slmforge.data.ingest import iter_documents
 
     if not files or not isinstance(files, list) or not all(isinstance(f, str) and f for f in files):
         raise SlmforgeError(f"task data text: option files must be a list of paths under the data folder, got {files!r}")
     if max_docs < 0:
         raise SlmforgeError(f"task data text: option max_docs must be >= 0, got {max_docs}")
     paths = [source_path(data_dir, f) for f in files]
-    stats = IngestStats()
     rows = []
-    for doc in iter_documents(paths, text_field=text_field, split=split, stats=stats):
+    for doc in iter_documents(paths, text_field=text_field, split=split):
         rows.append({"id": f"text-{len(rows)}", "text": doc["text"]})
         if len(rows) == max_docs:
             break
