@@ -32,6 +32,7 @@ Results go to benchmarks/results/task_baselines.json (the tasks run replace thei
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -83,35 +84,44 @@ def dialogue_of(row: dict) -> str:
     return prompt.removeprefix(head).removesuffix(tail)
 
 
+def turns_of(dialogue: str) -> list[str]:
+    return [t.strip() for t in dialogue.split("\n") if t.strip()]
+
+
 def lead_k(dialogue: str, k: int) -> str:
-    turns = [t.strip() for t in dialogue.split("\n") if t.strip()]
-    return " ".join(turns[:k])
+    return " ".join(turns_of(dialogue)[:k])
+
+
+@functools.cache
+def _rouge_l_scorer():
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+
+def rouge_l(reference: str, prediction: str) -> float:
+    """One pair's ROUGE-L F-measure, scored as evaluate_predictions scores it (Porter stemmer)."""
+    return _rouge_l_scorer().score(reference, prediction)["rougeL"].fmeasure
 
 
 def constant_summary(train: list[dict], n_candidates: int = 200, n_refs: int = 150, seed: int = 0) -> str:
     """The summary that, said of every dialogue, scores best on training summaries: the floor that
     speaker tags and stock phrases ("#Person1# asks #Person2# ...") give ROUGE without reading the input."""
-    from rouge_score import rouge_scorer
-
     # DialogSum's own summaries only: SAMSum's (in train too) use names, not #Person1#
     own = [r["completion"].strip() for r in train if r["id"].startswith("dialogsum")]
     refs = random.Random(seed).sample(own, min(n_refs, len(own)))
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     candidates = sorted(set(own), key=lambda s: (len(s), s))[:n_candidates]
-    return max(candidates, key=lambda c: sum(scorer.score(x, c)["rougeL"].fmeasure for x in refs if x != c))
+    return max(candidates, key=lambda c: sum(rouge_l(x, c) for x in refs if x != c))
 
 
 def oracle_turns(dialogue: str, reference: str) -> str:
     """The extractive ceiling (as SummaRuNNer's labels): add the turn that raises ROUGE-L against the reference
     most, in dialogue order, until none does."""
-    from rouge_score import rouge_scorer
-
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    turns = [t.strip() for t in dialogue.split("\n") if t.strip()]
+    turns = turns_of(dialogue)
     chosen: list[int] = []
     best = 0.0
     while True:
-        gains = {i: scorer.score(reference, " ".join(turns[j] for j in sorted([*chosen, i])))["rougeL"].fmeasure
+        gains = {i: rouge_l(reference, " ".join(turns[j] for j in sorted([*chosen, i])))
                  for i in range(len(turns)) if i not in chosen}
         i = max(gains, key=gains.get, default=None)
         if i is None or gains[i] <= best:
@@ -121,15 +131,13 @@ def oracle_turns(dialogue: str, reference: str) -> str:
 
 
 def summarization_baselines(rows: list[dict], constant: str) -> dict:
-    out = {}
-    for k in (1, 2, 3):
-        r = evaluate_predictions("summarization", preds(rows, [lead_k(dialogue_of(x), k) for x in rows]), rows)
-        out[f"lead_{k}"] = {m: round(r[m], 2) for m in ("rouge1", "rouge2", "rougeL")} | {"n": r["n"]}
-    r = evaluate_predictions("summarization", preds(rows, [constant] * len(rows)), rows)
-    out["constant"] = {m: round(r[m], 2) for m in ("rouge1", "rouge2", "rougeL")} | {"n": r["n"], "summary": constant}
-    r = evaluate_predictions("summarization", preds(rows, [oracle_turns(dialogue_of(x), x["completion"].strip())
-                                                           for x in rows]), rows)
-    out["oracle_turns"] = {m: round(r[m], 2) for m in ("rouge1", "rouge2", "rougeL")} | {"n": r["n"]}
+    def scored(summaries: list[str]) -> dict:
+        r = evaluate_predictions("summarization", preds(rows, summaries), rows)
+        return {m: round(r[m], 2) for m in ("rouge1", "rouge2", "rougeL")} | {"n": r["n"]}
+
+    out = {f"lead_{k}": scored([lead_k(dialogue_of(x), k) for x in rows]) for k in (1, 2, 3)}
+    out["constant"] = scored([constant] * len(rows)) | {"summary": constant}
+    out["oracle_turns"] = scored([oracle_turns(dialogue_of(x), x["completion"].strip()) for x in rows])
     return out
 
 
